@@ -1,0 +1,8 @@
+"""``python -m saetrain COMMAND``: see :mod:`saetrain.cli` for the commands."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Command line: ``python -m saetrain fit --config recipes/quickstart.yaml`` (LightningCLI).
+
+``fit`` trains, ``validate`` measures a checkpoint on held-out activations. Dotted overrides
+(``--model.k 64``) and ``--print_config`` come from LightningCLI. Each run lives in
+``<out_dir>/<run_name>/``: the resolved ``config.yaml``, TensorBoard events, Lightning
+checkpoints under ``lightning/`` (resume with ``--ckpt_path``), and at the end the exported SAE
+(``cfg.json`` + ``sae.safetensors``, read back with :func:`saetrain.load_sae`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from .data.datamodule import ActivationDataModule
+from .module import SAEModule
+
+log = logging.getLogger("saetrain")
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2."""
+
+
+class ExportSAE(Callback):
+    """Writes the trained SAE as ``cfg.json`` + ``sae.safetensors`` when training ends."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: SAEModule) -> None:
+        if not trainer.is_global_zero or trainer.interrupted:
+            return
+        dm = trainer.datamodule
+        meta = dm.metadata() if hasattr(dm, "metadata") else {}
+        meta.update(
+            tokens_seen=int(pl_module.tokens_seen),
+            steps=int(trainer.global_step),
+            dead_fraction=float(pl_module.dead_mask.float().mean()),
+        )
+        val_fvu = trainer.callback_metrics.get("val/fvu")
+        if val_fvu is not None:
+            meta["val_fvu"] = float(val_fvu)
+        path = pl_module.sae.save(self.run_dir, metadata=meta)
+        log.info("exported the SAE to %s", path)
+        print(f"saetrain: exported the SAE to {path}", file=sys.stderr)
+
+
+class SAETrainCLI(LightningCLI):
+    """LightningCLI with saetrain's run directory, checkpointing and export wired in."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run_name", type=str, default="sae", help="Name of the run folder.")
+        parser.add_argument(
+            "--out_dir", type=str, default="checkpoints", help="Folder that holds run folders."
+        )
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="Allow a new run to replace a finished run of the same name.",
+        )
+        parser.add_argument(
+            "--checkpoint_every",
+            type=int,
+            default=500,
+            help="Save a Lightning checkpoint (for --ckpt_path) every this many steps.",
+        )
+        parser.link_arguments("data.d_in", "model.d_in", apply_on="instantiate")
+
+    def _sub(self) -> Any:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def run_dir(self) -> Path:
+        cfg = self._sub()
+        return Path(cfg.out_dir) / cfg.run_name
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self._sub()
+        run_dir = self.run_dir()
+        finished = (run_dir / "sae.safetensors").exists() or any(
+            (run_dir / "lightning").glob("*.ckpt")
+        )
+        if self.subcommand == "fit" and finished and not cfg.ckpt_path and not cfg.overwrite:
+            raise UserError(
+                f"{run_dir} already holds a run: pick another --run_name, resume it with "
+                f"--ckpt_path {run_dir / 'lightning' / 'last.ckpt'}, or pass --overwrite true"
+            )
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        cfg = self._sub()
+        run_dir = self.run_dir()
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        callbacks = list(trainer_cfg.get("callbacks") or [])
+        if self.subcommand == "fit":
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=run_dir / "lightning",
+                    filename="step{step}",
+                    auto_insert_metric_name=False,
+                    every_n_train_steps=cfg.checkpoint_every,
+                    save_top_k=1,
+                    save_last=True,
+                )
+            )
+            callbacks.append(ExportSAE(run_dir))
+        kwargs["callbacks"] = callbacks
+        kwargs.setdefault("default_root_dir", str(run_dir))
+        if trainer_cfg.get("logger") in (None, True):
+            kwargs["logger"] = TensorBoardLogger(
+                save_dir=cfg.out_dir, name=cfg.run_name, version="", default_hp_metric=False
+            )
+        return super().instantiate_trainer(**kwargs)
+
+
+def run_lightning(args: list[str]) -> None:
+    """``fit`` / ``validate`` through :class:`SAETrainCLI`."""
+    SAETrainCLI(
+        SAEModule,
+        ActivationDataModule,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False},
+        trainer_defaults={"enable_model_summary": False},
+    )
+
+
+USAGE = """usage: python -m saetrain COMMAND [options]
+
+Train Top-k sparse autoencoders on language-model activations.
+
+commands:
+  fit        train an SAE (python -m saetrain fit --config recipes/quickstart.yaml)
+  validate   measure a checkpoint on held-out activations (--ckpt_path ...)
+
+Run `python -m saetrain COMMAND --help` for a command's options.
+"""
+
+COMMANDS = {"fit": run_lightning, "validate": run_lightning}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m saetrain``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command = argv[0]
+    if command not in COMMANDS:
+        print(f"saetrain: unknown command {command!r}; choose one of: {', '.join(COMMANDS)}")
+        return 2
+    try:
+        handler = COMMANDS[command]
+        handler(argv if handler is run_lightning else argv[1:])
+    except (UserError, ValueError, FileNotFoundError, OSError, argparse.ArgumentError) as e:
+        print(f"saetrain {command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"saetrain {command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _one_line(e: BaseException) -> str:
+    """The user-facing message of ``e`` (following the cause chain for wrapped errors)."""
+    while e.__cause__ is not None and isinstance(e, argparse.ArgumentError | ValueError):
+        if isinstance(e.__cause__, UserError | ValueError | FileNotFoundError | OSError):
+            e = e.__cause__
+        else:
+            break
+    text = " ".join(str(e).split())
+    return text or type(e).__name__

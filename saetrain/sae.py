@@ -1,0 +1,302 @@
+"""The Top-k sparse autoencoder (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+
+A plain ``nn.Module``, usable without Lightning::
+
+    from saetrain import SAE, SAEConfig
+    sae = SAE(SAEConfig(d_in=576, num_latents=8192, k=32))
+    sae.init_from_data(acts)            # b_dec (and the input scale) from a sample of activations
+    out = sae(acts, dead_mask=dead)     # out.fvu + sae.cfg.auxk_coef * out.auxk_loss is the loss
+
+The encoder is ``pre_acts = (x - b_dec) @ W_enc.T + b_enc`` followed by Top-k and ReLU; the
+decoder is ``x_hat = latent_acts @ W_dec[latent_indices] + b_dec``. Rows of ``W_dec`` are kept at
+unit norm: call :meth:`SAE.remove_parallel_grad` before each optimizer step and
+:meth:`SAE.normalize_decoder` after it. The sparse parts (top-k encoder backward, decode) run
+through :mod:`saetrain.kernels`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from . import kernels
+
+SAE_WEIGHTS = "sae.safetensors"
+SAE_CONFIG = "cfg.json"
+
+
+@dataclass
+class SAEConfig:
+    """Shape and training-time behaviour of a Top-k SAE.
+
+    Attributes:
+        d_in: Width of the activations (the LM's hidden size).
+        num_latents: Number of latents (dictionary size), e.g. 8 * d_in.
+        k: Number of latents kept per token by Top-k.
+        k_aux: Latents used by the AuxK loss among dead ones; None means d_in // 2.
+        auxk_coef: Weight of the AuxK loss in the total loss (Gao et al.: 1/32).
+        dead_tokens_threshold: A latent is dead after this many tokens without firing.
+        normalize_activations: Scale inputs to unit mean squared norm during training; the scale
+            is folded into the weights on export, so saved SAEs take raw activations.
+        b_dec_init: How ``b_dec`` is initialised from data: mean, geometric median, or zeros.
+    """
+
+    d_in: int
+    num_latents: int
+    k: int = 32
+    k_aux: int | None = None
+    auxk_coef: float = 1 / 32
+    dead_tokens_threshold: int = 10_000_000
+    normalize_activations: bool = True
+    b_dec_init: Literal["mean", "geometric_median", "zeros"] = "mean"
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form metadata carried into ``cfg.json`` (model, hookpoint, tokens seen, data)."""
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "num_latents", "k", "dead_tokens_threshold"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.k > self.num_latents:
+            raise ValueError(
+                f"k={self.k} is larger than num_latents={self.num_latents}: "
+                "choose k <= num_latents (the paper uses k=32)"
+            )
+        if self.k_aux is None:
+            self.k_aux = max(1, self.d_in // 2)
+        if self.k_aux < 0:
+            raise ValueError(f"k_aux must be >= 0, got {self.k_aux}")
+        self.k_aux = min(self.k_aux, self.num_latents)
+        if self.auxk_coef < 0:
+            raise ValueError(f"auxk_coef must be >= 0, got {self.auxk_coef}")
+        if self.b_dec_init not in ("mean", "geometric_median", "zeros"):
+            raise ValueError(
+                f"b_dec_init must be 'mean', 'geometric_median' or 'zeros', got {self.b_dec_init!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class ForwardOutput(NamedTuple):
+    """What :meth:`SAE.forward` returns.
+
+    Attributes:
+        x_hat: (B, d_in) reconstruction, in the same space as the input.
+        latent_acts: (B, k) values of the selected latents (>= 0), in the SAE's internal scale.
+        latent_indices: (B, k) indices of the selected latents.
+        fvu: Scalar fraction of variance unexplained, sum|x - x_hat|^2 / sum|x - mean(x)|^2.
+        auxk_loss: Scalar AuxK loss: how well the top ``k_aux`` dead latents reconstruct the
+            residual ``x - x_hat``, normalised like ``fvu``; zero when no latent is dead.
+    """
+
+    x_hat: Tensor
+    latent_acts: Tensor
+    latent_indices: Tensor
+    fvu: Tensor
+    auxk_loss: Tensor
+
+
+def geometric_median(points: Tensor, iters: int = 100, eps: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to ``points``."""
+    points = points.float()
+    guess = points.mean(0)
+    for _ in range(iters):
+        dist = (points - guess).norm(dim=1).clamp_min(eps)  # (N,)
+        weights = 1.0 / dist
+        new = (weights[:, None] * points).sum(0) / weights.sum()
+        if (new - guess).norm() < eps * (1 + guess.norm()):
+            return new
+        guess = new
+    return guess
+
+
+class SAE(nn.Module):
+    """Top-k sparse autoencoder. See the module docstring for the maths and usage."""
+
+    def __init__(self, cfg: SAEConfig, *, device: str | torch.device | None = None):
+        super().__init__()
+        self.cfg = cfg
+        d, n = cfg.d_in, cfg.num_latents
+        # Decoder rows are random unit vectors; the encoder starts as the decoder's transpose
+        # (Gao et al. 2024, section 2.4): W_enc is stored like nn.Linear.weight, (num_latents, d_in).
+        W_dec = torch.randn(n, d, device=device)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)  # (N, d)
+        self.W_enc = nn.Parameter(W_dec.clone())  # (N, d)
+        self.b_enc = nn.Parameter(torch.zeros(n, device=device))  # (N,)
+        self.b_dec = nn.Parameter(torch.zeros(d, device=device))  # (d,)
+        # Multiplies raw activations before encoding; 1 means "no normalisation" (or folded).
+        self.register_buffer("input_scale", torch.ones((), device=device))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        """Set the input scale and ``b_dec`` from a sample of raw activations ``x`` (B, d_in)."""
+        x = x.to(self.device, torch.float32)
+        if self.cfg.normalize_activations:
+            # Unit mean squared norm: E|x * s|^2 = 1.
+            self.input_scale.fill_(x.pow(2).sum(1).mean().clamp_min(1e-12).rsqrt().item())
+        x = x * self.input_scale
+        if self.cfg.b_dec_init == "mean":
+            self.b_dec.copy_(x.mean(0))
+        elif self.cfg.b_dec_init == "geometric_median":
+            self.b_dec.copy_(geometric_median(x))
+        else:
+            self.b_dec.zero_()
+        self.initialized.fill_(True)
+
+    def encode(
+        self, x: Tensor, dead_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Top-k latents of raw activations ``x`` (B, d_in).
+
+        Returns ``(latent_acts, latent_indices)``, both (B, k); with ``dead_mask`` (num_latents,)
+        also the AuxK selection ``(aux_acts, aux_indices)`` among dead latents.
+        """
+        out = kernels.encode_topk(
+            self._scaled(x) - self.b_dec,
+            self.W_enc,
+            self.b_enc,
+            self.cfg.k,
+            dead_mask=dead_mask,
+            k_aux=self.cfg.k_aux if dead_mask is not None else 0,
+        )
+        if dead_mask is None:
+            return out.latent_acts, out.latent_indices
+        return out.latent_acts, out.latent_indices, out.aux_acts, out.aux_indices
+
+    def decode(self, latent_acts: Tensor, latent_indices: Tensor) -> Tensor:
+        """Reconstruction (B, d_in) in raw activation space from (B, k) values and indices."""
+        x_hat = kernels.decode(latent_acts, latent_indices, self.W_dec) + self.b_dec
+        return x_hat / self.input_scale
+
+    def _scaled(self, x: Tensor) -> Tensor:
+        return x.to(self.dtype) * self.input_scale
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
+        """Encode, decode and compute the losses for raw activations ``x`` (B, d_in).
+
+        ``dead_mask`` (num_latents,) marks dead latents for the AuxK loss; None skips it.
+        Losses are computed in the SAE's internal (normalised) space, where they are invariant
+        to the input scale.
+        """
+        xs = self._scaled(x)  # (B, d)
+        enc = kernels.encode_topk(
+            xs - self.b_dec,
+            self.W_enc,
+            self.b_enc,
+            self.cfg.k,
+            dead_mask=dead_mask,
+            k_aux=self.cfg.k_aux if dead_mask is not None else 0,
+        )
+        xs_hat = kernels.decode(enc.latent_acts, enc.latent_indices, self.W_dec) + self.b_dec
+        total_variance = (xs - xs.mean(0)).pow(2).sum().float().clamp_min(1e-12)
+        err = xs - xs_hat  # (B, d)
+        fvu = err.pow(2).sum().float() / total_variance
+
+        auxk_loss = xs.new_zeros((), dtype=torch.float32)
+        if dead_mask is not None and enc.aux_acts.numel() > 0 and bool(dead_mask.any()):
+            # AuxK: the top dead latents try to explain the main reconstruction's residual;
+            # its gradient reaches only dead latents, which revives them (Gao et al., A.2).
+            err_hat = kernels.decode(enc.aux_acts, enc.aux_indices, self.W_dec)
+            auxk_loss = (err.detach() - err_hat).pow(2).sum().float() / total_variance
+        return ForwardOutput(
+            xs_hat / self.input_scale, enc.latent_acts, enc.latent_indices, fvu, auxk_loss
+        )
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Drop the part of ``W_dec.grad`` parallel to each row (keeps rows on the unit sphere)."""
+        if self.W_dec.grad is not None:
+            kernels.project_decoder_grad_(self.W_dec, self.W_dec.grad)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale every row of ``W_dec`` to unit norm."""
+        kernels.normalize_decoder_(self.W_dec)
+
+    @torch.no_grad()
+    def folded_state_dict(self) -> dict[str, Tensor]:
+        """Weights with the input scale folded in, so the SAE takes raw activations.
+
+        With scale s: pre_acts(s x) = s * pre_acts'(x) when b_enc' = b_enc / s and b_dec' = b_dec / s,
+        and Top-k/ReLU commute with a positive scale, so latents are divided by s and ``W_dec``
+        keeps unit-norm rows.
+        """
+        s = self.input_scale.float()
+        return {
+            "W_enc": self.W_enc.detach().clone().contiguous(),
+            "b_enc": (self.b_enc.detach() / s).to(self.dtype).contiguous(),
+            "W_dec": self.W_dec.detach().clone().contiguous(),
+            "b_dec": (self.b_dec.detach() / s).to(self.dtype).contiguous(),
+        }
+
+    def save(self, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+        """Write ``cfg.json`` and ``sae.safetensors`` into the folder ``path`` (atomically)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        cfg = self.cfg.to_dict()
+        cfg["extra"] = {**cfg.get("extra", {}), **(metadata or {})}
+        cfg["format"] = "saetrain"
+        cfg["format_version"] = 1
+        cfg["normalization_folded"] = True
+        cfg["dtype"] = str(self.dtype).removeprefix("torch.")
+        save_file(self.folded_state_dict(), str(tmp / SAE_WEIGHTS))
+        (tmp / SAE_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+        path.mkdir(parents=True, exist_ok=True)
+        for name in (SAE_WEIGHTS, SAE_CONFIG):
+            (tmp / name).replace(path / name)
+        tmp.rmdir()
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> SAE:
+        """Read an SAE written by :meth:`save` (``cfg.json`` + ``sae.safetensors``)."""
+        path = Path(path)
+        if not (path / SAE_CONFIG).is_file() or not (path / SAE_WEIGHTS).is_file():
+            raise FileNotFoundError(
+                f"{path} is not a saetrain SAE folder: expected {SAE_CONFIG} and {SAE_WEIGHTS} "
+                "in it (the export written at the end of `python -m saetrain fit`)"
+            )
+        raw = json.loads((path / SAE_CONFIG).read_text())
+        cfg = SAEConfig.from_dict(raw)
+        state = load_file(str(path / SAE_WEIGHTS), device=str(device))
+        sae = cls(cfg, device=device)
+        expected = {n: tuple(p.shape) for n, p in sae.named_parameters()}
+        for name, shape in expected.items():
+            if name not in state or tuple(state[name].shape) != shape:
+                got = tuple(state[name].shape) if name in state else "missing"
+                raise ValueError(
+                    f"{path / SAE_WEIGHTS}: tensor {name} has shape {got}, expected {shape} "
+                    f"from {SAE_CONFIG}; the files do not belong together"
+                )
+        sae.to(state["W_dec"].dtype)
+        sae.load_state_dict(
+            {**state, "input_scale": torch.ones(()), "initialized": torch.ones((), dtype=bool)}
+        )
+        return sae.eval()
+
+
+def load_sae(path: str | Path, *, device: str | torch.device = "cpu") -> SAE:
+    """Load a trained SAE from a folder written by ``python -m saetrain fit`` or :meth:`SAE.save`."""
+    return SAE.load(path, device=device)
