@@ -129,7 +129,7 @@ class SAE(nn.Module):
         self.cfg = cfg
         d, n = cfg.d_in, cfg.num_latents
         # Decoder rows are random unit vectors; the encoder starts as the decoder's transpose
-        # (Gao et al. 2024, section 2.4): W_enc is stored like nn.Linear.weight, (num_latents, d_in).
+        # (Gao et al. 2024, sec. 2.4); W_enc is laid out like nn.Linear.weight, (num_latents, d_in).
         W_dec = torch.randn(n, d, device=device)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)  # (N, d)
@@ -238,7 +238,7 @@ class SAE(nn.Module):
     def folded_state_dict(self) -> dict[str, Tensor]:
         """Weights with the input scale folded in, so the SAE takes raw activations.
 
-        With scale s: pre_acts(s x) = s * pre_acts'(x) when b_enc' = b_enc / s and b_dec' = b_dec / s,
+        With scale s: pre_acts(s x) = s * pre_acts'(x) for b_enc' = b_enc / s, b_dec' = b_dec / s,
         and Top-k/ReLU commute with a positive scale, so latents are divided by s and ``W_dec``
         keeps unit-norm rows.
         """
@@ -298,5 +298,5 @@ class SAE(nn.Module):
 
 
 def load_sae(path: str | Path, *, device: str | torch.device = "cpu") -> SAE:
-    """Load a trained SAE from a folder written by ``python -m saetrain fit`` or :meth:`SAE.save`."""
+    """Load an SAE from a folder written by ``python -m saetrain fit`` or :meth:`SAE.save`."""
     return SAE.load(path, device=device)
