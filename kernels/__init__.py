@@ -1,0 +1,43 @@
+"""Sparse kernels for Top-k SAEs: the sparse half of the step at the cost of the dense half.
+
+In a Top-k SAE only k of num_latents latents are non-zero per token, so decoding, the
+decoder's gradients and the encoder's weight gradient need only k rows per token; with
+these kernels a training step costs about one dense matmul, the encoder's forward
+(issue #4). Each op has a pure-torch `*_reference` to compare against.
+
+    out = encode_topk(x - b_dec, W_enc, b_enc, k, dead_mask, k_aux)
+    x_hat = decode(out.latent_acts, out.latent_indices, W_dec) + b_dec
+    ...; loss.backward(); project_decoder_grad_(W_dec, W_dec.grad)
+    optimizer.step(); normalize_decoder_(W_dec)
+
+Backend: Triton on CUDA tensors, the fastest torch path elsewhere, chosen at import;
+override with SAETRAIN_KERNELS=auto|triton|torch or `set_backend`.
+"""
+
+from ._backend import get_backend, set_backend
+from .decode import DecodeFunction, decode, decode_reference
+from .decoder_norm import (
+    decoder_norm_step,
+    normalize_decoder_,
+    normalize_decoder_reference,
+    project_decoder_grad_,
+    project_decoder_grad_reference,
+)
+from .encode import EncodeOutput, EncodeTopkFunction, encode_topk, encode_topk_reference
+
+__all__ = [
+    "DecodeFunction",
+    "EncodeOutput",
+    "EncodeTopkFunction",
+    "decode",
+    "decode_reference",
+    "decoder_norm_step",
+    "encode_topk",
+    "encode_topk_reference",
+    "get_backend",
+    "normalize_decoder_",
+    "normalize_decoder_reference",
+    "project_decoder_grad_",
+    "project_decoder_grad_reference",
+    "set_backend",
+]

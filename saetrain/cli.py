@@ -123,14 +123,18 @@ class SAETrainCLI(LightningCLI):
 
 def run_lightning(args: list[str]) -> None:
     """``fit`` / ``validate`` through :class:`SAETrainCLI`."""
-    SAETrainCLI(
-        SAEModule,
-        ActivationDataModule,
-        args=args,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"exit_on_error": False},
-        trainer_defaults={"enable_model_summary": False},
-    )
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when both it and `args` are set
+    try:
+        SAETrainCLI(
+            SAEModule,
+            ActivationDataModule,
+            args=args,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False},
+            trainer_defaults={"enable_model_summary": False},
+        )
+    finally:
+        sys.argv = argv
 
 
 USAGE = """usage: python -m saetrain COMMAND [options]
@@ -163,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError, FileNotFoundError, OSError, argparse.ArgumentError) as e:
         print(f"saetrain {command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # --help and --print_config exit through argparse
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except KeyboardInterrupt:
         print(f"saetrain {command}: interrupted", file=sys.stderr)
         return 130
@@ -170,11 +176,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(e: BaseException) -> str:
-    """The user-facing message of ``e`` (following the cause chain for wrapped errors)."""
-    while e.__cause__ is not None and isinstance(e, argparse.ArgumentError | ValueError):
-        if isinstance(e.__cause__, UserError | ValueError | FileNotFoundError | OSError):
-            e = e.__cause__
-        else:
-            break
+    """The user-facing message of ``e``: jsonargparse wraps errors raised while instantiating
+    classes in an ArgumentError; unwrap those down to our own error."""
+    while isinstance(e, argparse.ArgumentError) and e.__cause__ is not None:
+        e = e.__cause__
     text = " ".join(str(e).split())
     return text or type(e).__name__

@@ -134,7 +134,7 @@ class SAEModule(L.LightningModule):
         )
         self.val_fvu = FVU(cfg.d_in)
         self.val_l0 = MeanMetric()
-        self.val_ev = ExplainedVariance()
+        self.val_ev = ExplainedVariance(multioutput="variance_weighted")
         self.register_buffer("val_fired", torch.zeros(n, dtype=torch.bool), persistent=False)
 
     @property
@@ -168,7 +168,9 @@ class SAEModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         self.sae.remove_parallel_grad()
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here rather than in on_train_batch_end: callbacks (checkpointing) run before that hook.
         self.sae.normalize_decoder()
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:

@@ -4,10 +4,13 @@ from configs in a temporary folder (see ``lmfixtures.py``); nothing is downloade
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download; fail fast instead of retrying
 from lmfixtures import make_model, make_tokenizer, random_sentence
 
 

@@ -78,6 +78,11 @@ def check_layer(model: nn.Module, layer: int) -> None:
 def _split_model_path(model: str) -> tuple[str, str | None]:
     """(directory or Hub id, GGUF file name or None)."""
     path = resolve_path(model) if model.startswith("package://") else os.path.expanduser(model)
+    if path.startswith(("/", ".", "~")) and not Path(path).exists():
+        raise LMLoadError(
+            f"cannot load model {model!r}: no such file or folder; pass a local model folder, "
+            "a .gguf file, a package:// URI, or a Hub id"
+        )
     if path.endswith(".gguf"):
         p = Path(path)
         if not p.is_file():

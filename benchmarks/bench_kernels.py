@@ -1,0 +1,227 @@
+"""Tokens/second of an SAE training step: the encoder matmul alone, dense autograd, our kernels.
+
+    python benchmarks/bench_kernels.py                 # d_in=576, 16384 latents, k=32, B=4096
+    python benchmarks/bench_kernels.py --ops           # also time the torch alternatives per op
+    SAETRAIN_KERNELS=torch python benchmarks/bench_kernels.py --dtypes fp32
+
+Three rows per dtype (fp32, and bf16 autocast with fp32 parameters):
+- floor: F.linear(x, W_enc, b_enc) alone, the one dense matmul a Top-k step cannot avoid;
+- dense: a plain autograd step (topk on F.linear, x_hat = dense latents @ W_dec);
+- kernels: the same step with saetrain.kernels (encode_topk, decode, decoder-norm step).
+A step is: forward, FVU + AuxK loss (dead latents drawn at --dead-fraction), backward,
+decoder-gradient projection, fused Adam, row renormalisation. Rounds interleave the three
+and the best round is kept, as other work on the machine only ever adds time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from saetrain.kernels import (
+    decode,
+    encode_topk,
+    get_backend,
+    normalize_decoder_,
+    project_decoder_grad_,
+)
+
+
+def make_sae(d_in: int, num_latents: int, device: str) -> dict[str, torch.nn.Parameter]:
+    W_dec = torch.randn(num_latents, d_in, device=device)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    return {
+        "W_enc": torch.nn.Parameter(W_dec.clone()),  # (num_latents, d_in), tied init
+        "b_enc": torch.nn.Parameter(torch.zeros(num_latents, device=device)),
+        "W_dec": torch.nn.Parameter(W_dec),  # (num_latents, d_in)
+        "b_dec": torch.nn.Parameter(torch.zeros(d_in, device=device)),
+    }
+
+
+def losses(x, x_hat, e_hat, e):
+    """FVU and AuxK loss (Gao et al. 2024), both normalised by the total variance of x."""
+    total_variance = (x - x.mean(0)).pow(2).sum()
+    fvu = (x_hat - x).pow(2).sum() / total_variance
+    auxk = (e_hat - e.detach()).pow(2).sum() / total_variance if e_hat is not None else 0.0
+    return fvu + auxk / 32
+
+
+def dense_step(p, x, k, dead_mask, k_aux):
+    """Plain autograd: every matmul dense over all num_latents."""
+    pre_acts = F.linear(x - p["b_dec"], p["W_enc"], p["b_enc"])  # (B, num_latents)
+    values, indices = pre_acts.topk(k, dim=-1)  # (B, k)
+    latents = torch.zeros_like(pre_acts).scatter(1, indices, values.relu())
+    x_hat = latents @ p["W_dec"].to(latents.dtype) + p["b_dec"]  # (B, d_in)
+    e_hat = None
+    if k_aux:
+        aux_values, aux_indices = pre_acts.masked_fill(~dead_mask, float("-inf")).topk(k_aux)
+        aux = torch.zeros_like(pre_acts).scatter(1, aux_indices, aux_values.relu())
+        e_hat = aux @ p["W_dec"].to(aux.dtype)
+    return losses(x, x_hat, e_hat, x_hat - x)
+
+
+def kernel_step(p, x, k, dead_mask, k_aux):
+    """The same step with saetrain.kernels: sparse decode and sparse backward."""
+    out = encode_topk(x - p["b_dec"], p["W_enc"], p["b_enc"], k, dead_mask, k_aux)
+    x_hat = decode(out.latent_acts, out.latent_indices, p["W_dec"]) + p["b_dec"]
+    e_hat = None
+    if out.aux_indices.shape[1]:
+        e_hat = decode(out.aux_acts, out.aux_indices, p["W_dec"])
+    return losses(x, x_hat, e_hat, x_hat - x)
+
+
+def make_train_step(forward, p, opt, x, k, dead_mask, k_aux, autocast_dtype, sparse_norm):
+    def step():
+        with torch.autocast(
+            x.device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32
+        ):
+            loss = forward(p, x, k, dead_mask, k_aux)
+        loss.backward()
+        W_dec = p["W_dec"]
+        if sparse_norm:
+            project_decoder_grad_(W_dec, W_dec.grad)
+        else:
+            with torch.no_grad():
+                W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if sparse_norm:
+            normalize_decoder_(W_dec)
+        else:
+            with torch.no_grad():
+                W_dec /= W_dec.norm(dim=1, keepdim=True) + torch.finfo(W_dec.dtype).eps
+
+    return step
+
+
+def best_times(fns: dict, rounds: int) -> dict[str, float]:
+    """Seconds per call of each fn: one warm-up, then the fastest of `rounds` interleaved."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    for fn in fns.values():
+        fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def bench_steps(args, dtype_name: str) -> None:
+    torch.manual_seed(0)
+    autocast_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    B, d_in, N = args.batch, args.d_in, args.num_latents
+    x = torch.randn(B, d_in, device=args.device)
+    dead_mask = torch.rand(N, device=args.device) < args.dead_fraction  # (num_latents,)
+    k_aux = min(args.k_aux or d_in // 2, int(dead_mask.sum()))
+    fns = {}
+    p_floor = make_sae(d_in, N, args.device)
+
+    def floor():
+        with torch.autocast(
+            x.device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32
+        ):
+            with torch.no_grad():
+                F.linear(x, p_floor["W_enc"], p_floor["b_enc"])
+
+    fns["floor: encoder matmul"] = floor
+    for name, forward, sparse in (
+        ("dense autograd step", dense_step, False),
+        ("kernel step", kernel_step, True),
+    ):
+        p = make_sae(d_in, N, args.device)
+        opt = torch.optim.Adam(p.values(), lr=1e-4, fused=True)
+        fns[name] = make_train_step(
+            forward, p, opt, x, args.k, dead_mask, k_aux, autocast_dtype, sparse
+        )
+    times = best_times(fns, args.rounds)
+    floor_time = times["floor: encoder matmul"]
+    print(
+        f"\n{dtype_name} (B={B}, d_in={d_in}, num_latents={N}, k={args.k}, k_aux={k_aux}, "
+        f"dead={int(dead_mask.sum())})"
+    )
+    for name, t in times.items():
+        print(
+            f"  {name:24s} {t * 1e3:8.1f} ms  {B / t:10.0f} tok/s  {floor_time / t:6.2f} x floor speed"
+        )
+
+
+def bench_ops(args) -> None:
+    """Torch alternatives for each sparse op, at the step's shapes (the CPU choice)."""
+    import warnings
+
+    from saetrain.kernels.topk import select_topk
+
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+    B, D, N, k = args.batch, args.d_in, args.num_latents, args.k
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        W = (torch.randn(N, D) / D**0.5).to(dtype)
+        x = torch.randn(B, D, dtype=dtype)
+        idx = torch.randint(0, N, (B, k))
+        acts = torch.rand(B, k, dtype=dtype)
+        flat = idx.reshape(-1)
+        pre = F.linear(x.float(), W.float())
+
+        def csr_mm():
+            rows, order = flat.sort()
+            crow = torch.zeros(N + 1, dtype=torch.int64)
+            crow[1:] = torch.bincount(rows, minlength=N).cumsum(0)
+            csr = torch.sparse_csr_tensor(crow, order // k, acts.reshape(-1)[order].float(), (N, B))
+            return csr @ x.float()
+
+        def index_add():
+            rows = acts.float().reshape(-1, 1) * x.float().repeat_interleave(k, 0)
+            return torch.zeros(N, D).index_add_(0, flat, rows)
+
+        def dense_scatter():
+            return torch.zeros(B, N, dtype=dtype).scatter_(1, idx, acts)
+
+        offsets, bags = torch.arange(0, B * k, k), torch.arange(B * k) // k
+        ops = {
+            "topk: torch.topk": lambda: pre.topk(k, dim=1),
+            "topk: grouped (ours)": lambda: select_topk(pre, k),
+            "decode: embedding_bag (ours)": lambda: F.embedding_bag(idx, W, per_sample_weights=acts, mode="sum"),
+            "decode: gather + bmm": lambda: torch.bmm(acts.unsqueeze(1), W[idx]),
+            "decode: dense scatter @ W": lambda: dense_scatter() @ W,
+            "grad acts: emb-bag psw backward (ours)": lambda: torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                x, W, flat, offsets, bags, 0, -1),
+            "grad acts: gather + bmm": lambda: torch.bmm(W[idx], x.unsqueeze(-1)),
+            "grad W: CSR @ dense (ours)": csr_mm,
+            "grad W: index_add_": index_add,
+            "grad W: dense scatter.T @ x": lambda: dense_scatter().T @ x,
+        }  # fmt: skip
+        print(f"\nops, {dtype} (B={B}, d={D}, num_latents={N}, k={k})")
+        for name, t in best_times(ops, max(1, args.rounds - 1)).items():
+            print(f"  {name:40s} {t * 1e3:8.1f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--d-in", type=int, default=576)
+    parser.add_argument("--num-latents", type=int, default=16384)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--k-aux", type=int, default=0, help="0: d_in // 2, as in sparsify")
+    parser.add_argument("--dead-fraction", type=float, default=0.05)
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--ops", action="store_true", help="also time torch alternatives per op")
+    args = parser.parse_args()
+    print(
+        f"saetrain.kernels backend={get_backend()} device={args.device} threads={torch.get_num_threads()}"
+    )
+    for dtype_name in args.dtypes.split(","):
+        bench_steps(args, dtype_name)
+    if args.ops:
+        bench_ops(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""End to end through ``python -m saetrain``: the tiny recipe trains, exports, resumes; every
+recipe parses; bad input gives one clear line and a non-zero exit without touching old runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from saetrain import load_sae
+from saetrain.cli import main
+from saetrain.module import SAEModule
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+
+
+def fit_args(model_dir, data, out_dir, *extra) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        str(ROOT / "recipes" / "tiny.yaml"),
+        "--data.model",
+        str(model_dir),
+        "--data.source.path",
+        str(data),
+        "--out_dir",
+        str(out_dir),
+        *extra,
+    ]
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "no error printed"
+    assert not any("Traceback" in line for line in err)
+    return err[-1]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model_dir, chat_jsonl, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    assert main(fit_args(tiny_model_dir, chat_jsonl, out)) == 0
+    return out / "tiny"
+
+
+def test_fit_writes_the_export_checkpoints_config_and_tensorboard_logs(trained_run):
+    assert (trained_run / "cfg.json").is_file() and (trained_run / "sae.safetensors").is_file()
+    assert (trained_run / "lightning" / "last.ckpt").is_file()
+    assert (trained_run / "config.yaml").is_file()
+    assert list(trained_run.glob("events.out.tfevents.*"))
+    cfg = json.loads((trained_run / "cfg.json").read_text())
+    assert cfg["d_in"] == 32 and cfg["num_latents"] == 128 and cfg["k"] == 4
+    extra = cfg["extra"]
+    assert extra["hookpoint"] == "layers.1" and extra["tokens_seen"] == 40 * 128
+    assert extra["data"]["path"].endswith("chat.jsonl")
+
+
+def test_fit_lowers_fvu(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(trained_run))
+    events.Reload()
+    fvu = [e.value for e in events.Scalars("train/fvu")]
+    assert fvu[-1] < 0.5 * fvu[0]
+    val = [e.value for e in events.Scalars("val/fvu")]
+    assert len(val) == 2 and val[-1] < 0.3
+
+
+def test_exported_sae_matches_the_trained_module(trained_run):
+    module = SAEModule.load_from_checkpoint(trained_run / "lightning" / "last.ckpt")
+    exported = load_sae(trained_run)
+    x = torch.randn(50, 32) * 3
+    with torch.no_grad():
+        expected = module.sae(x)
+        got = exported(x)
+    torch.testing.assert_close(got.x_hat, expected.x_hat, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got.latent_indices, expected.latent_indices)
+
+
+def test_fit_resumes_from_the_last_checkpoint(trained_run, tiny_model_dir, chat_jsonl):
+    args = fit_args(tiny_model_dir, chat_jsonl, trained_run.parent)
+    last = trained_run / "lightning" / "last.ckpt"
+    assert main([*args, "--ckpt_path", str(last), "--trainer.max_steps", "50"]) == 0
+    cfg = json.loads((trained_run / "cfg.json").read_text())
+    assert cfg["extra"]["steps"] == 50 and cfg["extra"]["tokens_seen"] == 50 * 128
+
+
+def test_a_finished_run_is_not_overwritten(trained_run, tiny_model_dir, chat_jsonl, capsys):
+    before = (trained_run / "sae.safetensors").read_bytes()
+    assert main(fit_args(tiny_model_dir, chat_jsonl, trained_run.parent)) == 2
+    assert "already holds a run" in error_line(capsys)
+    assert (trained_run / "sae.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data.layer", "7"], "layer 7 does not exist"),
+        (["--model.k", "1000"], "k=1000 is larger than num_latents=128"),
+        (["--model.bogus_key", "1"], "bogus_key"),
+        (["--data.source.path", "/nonexistent/chats.jsonl"], "/nonexistent/chats.jsonl"),
+        (["--data.model", "/nonexistent/model"], "cannot load model"),
+    ],
+)
+def test_bad_input_gives_one_clear_line_and_nonzero_exit(
+    extra, message, tiny_model_dir, chat_jsonl, tmp_path, capsys
+):
+    code = main(fit_args(tiny_model_dir, chat_jsonl, tmp_path, *extra))
+    assert code == 2
+    assert message in error_line(capsys)
+    assert not list(tmp_path.rglob("sae.safetensors"))
+
+
+def test_an_empty_data_set_is_refused(tiny_model_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(fit_args(tiny_model_dir, empty, tmp_path)) == 2
+    assert "no documents" in error_line(capsys)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_recipe_parses(recipe, capsys):
+    assert main(["fit", "--config", str(recipe), "--print_config"]) == 0
+    printed = capsys.readouterr().out
+    assert "model:" in printed and "data:" in printed
+    first = recipe.read_text().splitlines()[0]
+    assert first.startswith("#"), f"{recipe.name} must start with a comment giving its command"
+
+
+def test_module_help_lists_the_commands():
+    out = subprocess.run(
+        [sys.executable, "-m", "saetrain", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "fit" in out and "validate" in out
