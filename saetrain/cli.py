@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,34 @@ class ExportSAE(Callback):
         path = pl_module.sae.save(self.run_dir, metadata=meta)
         log.info("exported the SAE to %s", path)
         print(f"saetrain: exported the SAE to {path}", file=sys.stderr)
+
+
+class LogDataStats(Callback):
+    """Logs what the activation stream read and dropped, and the training throughput."""
+
+    def __init__(self, every: int = 10):
+        self.every = every
+        self._t0: float | None = None
+        self._tokens0 = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every:
+            return
+        now, tokens = time.perf_counter(), int(pl_module.tokens_seen)
+        if self._t0 is not None and now > self._t0:
+            rate = (tokens - self._tokens0) / (now - self._t0)
+            pl_module.log("train/tokens_per_second", rate, prog_bar=True)
+        self._t0, self._tokens0 = now, tokens
+        producer = getattr(trainer.datamodule, "producer", None)
+        if producer is not None:
+            s = producer.stats
+            pl_module.log_dict(
+                {
+                    "data/lm_tokens": float(s.tokens),
+                    "data/excluded_special_fraction": s.special / max(1, s.tokens),
+                    "data/outliers_dropped": float(producer.outliers.dropped),
+                }
+            )
 
 
 class SAETrainCLI(LightningCLI):
@@ -112,6 +141,7 @@ class SAETrainCLI(LightningCLI):
                 )
             )
             callbacks.append(ExportSAE(run_dir))
+            callbacks.append(LogDataStats())
         kwargs["callbacks"] = callbacks
         kwargs.setdefault("default_root_dir", str(run_dir))
         if trainer_cfg.get("logger") in (None, True):
@@ -144,11 +174,24 @@ Train Top-k sparse autoencoders on language-model activations.
 commands:
   fit        train an SAE (python -m saetrain fit --config recipes/quickstart.yaml)
   validate   measure a checkpoint on held-out activations (--ckpt_path ...)
+  export     write an SAE as saetrain, SAELens or sparsify files (--ckpt PATH --format F --out DIR)
+  features   rank SAE latents as refusal features (--sae DIR; writes features.json/.txt)
+  steer      answer one prompt with and without steering, side by side (--sae DIR --features [ID])
+  eval-refusal  refusal rates on unsafe/safe prompts for a sweep of strengths, with plots
 
 Run `python -m saetrain COMMAND --help` for a command's options.
 """
 
-COMMANDS = {"fit": run_lightning, "validate": run_lightning}
+COMMANDS = {
+    "fit": run_lightning,
+    "validate": run_lightning,
+    # Imported on use, so `fit` does not load the interop code and `export` does not need it.
+    "export": lambda args: __import__("saetrain.interop", fromlist=["_"]).export_main(args),
+    # Steering (issue #5), imported on use like `export`.
+    "features": lambda a: __import__("saetrain.steering", fromlist=["_"]).run_features(a),
+    "steer": lambda a: __import__("saetrain.steering", fromlist=["_"]).run_steer(a),
+    "eval-refusal": lambda a: __import__("saetrain.steering", fromlist=["_"]).run_eval_refusal(a),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

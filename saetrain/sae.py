@@ -298,5 +298,10 @@ class SAE(nn.Module):
 
 
 def load_sae(path: str | Path, *, device: str | torch.device = "cpu") -> SAE:
-    """Load an SAE from a folder written by ``python -m saetrain fit`` or :meth:`SAE.save`."""
-    return SAE.load(path, device=device)
+    """Load an SAE, detecting its format: a folder written by ``python -m saetrain fit`` or
+    :meth:`SAE.save`, a SAELens or sparsify folder (or a sparsify parent folder holding one
+    hookpoint), a Lightning ``.ckpt`` from ``fit``, or a Hub id ``owner/repo[/sub/folder]``.
+    See :mod:`saetrain.interop`."""
+    from .interop import load  # interop imports this module
+
+    return load(path, device=device)

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .activations import ActivationProducer, pack_documents, shuffle_batches
-from .lm import check_layer, hidden_size, load_lm, load_lm_config, pick_dtype
+from .lm import check_layer, hidden_size, load_lm, load_lm_config, num_layers, pick_dtype
 from .sources import TextSource, iter_documents
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,15 @@ class ActivationDataModule(L.LightningDataModule):
     def d_in(self) -> int:
         """Width of the residual stream, from the LM's config (no weights are loaded)."""
         if self._d_in is None:
-            self._d_in = hidden_size(load_lm_config(self.model_name))
+            config = load_lm_config(self.model_name)
+            n_layers = num_layers(config)
+            if n_layers is not None and self.layer >= n_layers:
+                raise ValueError(
+                    f"layer {self.layer} does not exist: {self.model_name} has {n_layers} decoder "
+                    f"layers, so choose a layer from 0 to {n_layers - 1} "
+                    f"(the middle one is {n_layers // 2})"
+                )
+            self._d_in = hidden_size(config)
         return self._d_in
 
     @property

@@ -121,6 +121,15 @@ def hidden_size(config) -> int:
     raise LMLoadError(f"cannot find the hidden size in {type(config).__name__}")
 
 
+def num_layers(config) -> int | None:
+    """Number of decoder layers from a config, or None when the config does not say."""
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    text = getattr(config, "text_config", None)
+    return num_layers(text) if text is not None else None
+
+
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """Resolve a dtype name; ``auto`` is bf16 on GPU and on CPUs with native bf16 matmul."""
     if dtype != "auto":
