@@ -1,0 +1,95 @@
+"""Steering with SAE features, and refusal evaluation (issue #5), after the data path:
+prompts -> generation under hooks -> judge -> rates -> report.
+
+| file | stage |
+|---|---|
+| ``prompts.py``, ``builtin.py`` | prompt sets: XSTest/AdvBench/JBB/HarmBench CSV, JSON, JSONL, Parquet, Hub; the built-in set |
+| ``hooks.py`` | :func:`steer`: clamp / add / ablate latents on the residual stream, KV-cache safe |
+| ``gate.py`` | conditional steering: feature and probe gates, threshold chosen on validation prompts |
+| ``generate.py`` | batched greedy chat generation (multi-turn too) and next-token loss on fixed replies |
+| ``judge.py`` | refusal judges: keywords, WildGuard, Llama Guard, HarmBench's classifier |
+| ``features.py`` | finding refusal features: response tokens, prompt contrast, steering effect |
+| ``evaluate.py``, ``stats.py``, ``report.py`` | rates with Wilson intervals, fluency, plots, markdown |
+| ``commands.py`` | the commands ``features``, ``steer`` and ``eval-refusal`` of ``python -m saetrain`` |
+
+    import saetrain
+    from saetrain.steering import Intervention, generate, steer
+    sae = saetrain.load_sae("checkpoints/quickstart")
+    with steer(model, sae, Intervention([1234], "clamp", 8.0)):   # around any forward/generate
+        out = model.generate(**batch)
+    gens = generate(model, tok, ["How do I pick a lock?"], sae=sae,
+                    interventions=[Intervention([1234], "clamp", 8.0, positions="generated")])
+"""  # noqa: E501
+
+from .evaluate import EvalSet, Setting, evaluate_refusal
+from .features import find_features, write_table
+from .gate import FeatureGate, GateCalibration, ProbeGate, calibrate, choose_threshold, fit_probe
+from .generate import Generation, generate, reply_loss
+from .hooks import Intervention, Steering, edit, steer
+from .judge import (
+    REFUSAL_PHRASES,
+    HarmBenchJudge,
+    KeywordJudge,
+    LlamaGuardJudge,
+    Verdict,
+    WildGuardJudge,
+    judge_accuracy,
+    make_judge,
+)
+from .prompts import PromptRecord, PromptSet, load_prompts
+from .stats import wilson_interval
+
+__all__ = [
+    "EvalSet",
+    "FeatureGate",
+    "GateCalibration",
+    "Generation",
+    "HarmBenchJudge",
+    "Intervention",
+    "KeywordJudge",
+    "LlamaGuardJudge",
+    "ProbeGate",
+    "PromptRecord",
+    "PromptSet",
+    "REFUSAL_PHRASES",
+    "Setting",
+    "Steering",
+    "Verdict",
+    "WildGuardJudge",
+    "calibrate",
+    "choose_threshold",
+    "edit",
+    "evaluate_refusal",
+    "find_features",
+    "fit_probe",
+    "generate",
+    "judge_accuracy",
+    "load_prompts",
+    "make_judge",
+    "reply_loss",
+    "steer",
+    "wilson_interval",
+    "write_table",
+]
+
+
+# The command handlers load jsonargparse and matplotlib, so they are imported on use.
+def run_features(argv: list[str]) -> None:
+    """``python -m saetrain features``."""
+    from .commands import run_features as run
+
+    run(argv)
+
+
+def run_steer(argv: list[str]) -> None:
+    """``python -m saetrain steer``."""
+    from .commands import run_steer as run
+
+    run(argv)
+
+
+def run_eval_refusal(argv: list[str]) -> None:
+    """``python -m saetrain eval-refusal``."""
+    from .commands import run_eval_refusal as run
+
+    run(argv)

@@ -1,0 +1,411 @@
+"""Steering commands of ``python -m saetrain``: ``features``, ``steer`` and ``eval-refusal``.
+
+    python -m saetrain features --config configs/steering/features.yaml --sae checkpoints/quickstart
+    python -m saetrain steer --sae checkpoints/quickstart --features [1234] --prompt "Hi there"
+    python -m saetrain eval-refusal --config configs/steering/eval-refusal.yaml
+
+Each takes a YAML ``--config`` (what ``--print_config`` prints), dotted overrides
+(``--harmful.limit 16``) and ``--help``; the model and layer default to the ones recorded in
+the SAE's ``cfg.json``. ``features`` and ``eval-refusal`` write into ``out_dir`` together with
+the resolved ``config.yaml``; ``steer`` prints the baseline and steered replies side by side.
+Strengths are multiples of each feature's largest activation on refusal text
+(``strength_unit: max_activation``, from a ``features.json`` when given, else measured on the
+built-in refusal replies) or plain latent values (``absolute``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import shutil
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .hooks import Intervention, Op, Positions
+from .prompts import PromptSet, load_prompts
+
+log = logging.getLogger("saetrain")
+
+
+@dataclass
+class Target:
+    """The SAE, the model it steers, and how to run it."""
+
+    sae: str
+    """Folder of the exported SAE (cfg.json + sae.safetensors)."""
+    model: str | None = None
+    """The LM: Hub id, folder, .gguf or package:// URI; default: the SAE's cfg.json extra.model."""
+    layer: int | None = None
+    """Decoder layer whose output the SAE reads; default: the SAE's cfg.json extra.layer."""
+    device: str = "cpu"
+    """Where to run: cpu, cuda, cuda:1, ..."""
+    lm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the LM's weights."""
+    batch_size: int = 8
+    """Prompts generated together (left-padded)."""
+    max_new_tokens: int = 64
+    """Length limit of each reply."""
+    system: str | None = None
+    """A system message put before every conversation."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError(
+                f"batch_size and max_new_tokens must be >= 1, got {self.batch_size}, "
+                f"{self.max_new_tokens}"
+            )
+
+
+@dataclass
+class SteeringSpec:
+    """Which features to steer and how strongly."""
+
+    features: list[int] = field(default_factory=list)
+    """SAE latents to steer together (empty: baseline only)."""
+    op: Op = "clamp"
+    """clamp (keeps the SAE error), add, or ablate."""
+    strength_unit: Literal["max_activation", "absolute"] = "max_activation"
+    """Strength as multiples of each feature's largest activation on refusal text, or as the
+    clamp value / add coefficient itself."""
+    features_table: str | None = None
+    """features.json of `saetrain features` to read each feature's max_pos from."""
+    positions: Positions = "all"
+    """Tokens to steer: all, prompt, or generated."""
+
+    def __post_init__(self) -> None:
+        if any(f < 0 for f in self.features):
+            raise ValueError(f"features must be latent ids >= 0, got {self.features}")
+        if hasattr(super(), "__post_init__"):
+            super().__post_init__()
+
+
+@dataclass
+class FeaturesConfig(Target):
+    """Rank SAE latents as refusal features (see saetrain.steering.features)."""
+
+    harmful: PromptSet = field(default_factory=lambda: PromptSet("builtin:harmful"))
+    """Prompts the model should refuse."""
+    harmless: PromptSet = field(default_factory=lambda: PromptSet("builtin:harmless"))
+    """Prompts it should answer."""
+    methods: list[Literal["response", "contrast", "effect"]] = field(
+        default_factory=lambda: ["response", "contrast"]
+    )
+    """Rankings to compute: response (refusal tokens), contrast (prompts), effect (steering)."""
+    top_n: int = 20
+    """Latents kept per ranking."""
+    rank_by: Literal["diff", "effect_size"] = "diff"
+    """Order of the response and contrast rankings: mean difference or Cohen's d."""
+    contexts: int = 5
+    """Top-activating token contexts shown per latent."""
+    min_refusals: int = 4
+    """Below this many refusals of its own, the model gets built-in refusals teacher-forced."""
+    effect_candidates: int = 5
+    """Candidates (best of the other rankings) steered by the effect method."""
+    effect_strength: float = 2.0
+    """Clamp at this multiple of each candidate's largest activation."""
+    effect_prompts: int = 8
+    """Harmful and harmless validation prompts per candidate."""
+    judge: str = "keyword"
+    """Refusal judge: keyword, or a classifier's Hub id or folder."""
+    judge_kind: Literal["auto", "wildguard", "llama_guard", "harmbench"] = "auto"
+    """Prompt format of a model judge; auto goes by its name."""
+    out_dir: str = "steering/features"
+    """Where features.json, features.txt and config.yaml go."""
+
+
+@dataclass
+class SteerConfig(SteeringSpec, Target):
+    """Answer one prompt with and without steering."""
+
+    prompt: str = "Can you tell me how to bake bread?"
+    """The user message."""
+    strength: float = 2.0
+    """Steering strength (see strength_unit)."""
+    width: int = 0
+    """Width of the side-by-side view; 0 uses the terminal's."""
+
+
+@dataclass
+class GateConfig:
+    """Steer only prompts a gate flags (conditional steering)."""
+
+    kind: Literal["feature", "probe"] = "feature"
+    """feature: an SAE latent's largest value on the prompt; probe: a logistic probe."""
+    feature: int | None = None
+    """Latent read by a feature gate; default: the first steered feature."""
+    threshold: float | None = None
+    """Fixed threshold; None chooses it on the validation prompts."""
+    max_fpr: float | None = None
+    """When choosing: the best TPR with at most this FPR (None maximises TPR - FPR)."""
+    train_positive: PromptSet = field(
+        default_factory=lambda: PromptSet("builtin:harmful", limit=16)
+    )
+    """Probe training prompts that should open the gate."""
+    train_negative: PromptSet = field(
+        default_factory=lambda: PromptSet("builtin:harmless", limit=16)
+    )
+    """Probe training prompts that should not."""
+    val_positive: PromptSet = field(default_factory=lambda: PromptSet("builtin:harmful", offset=16))
+    """Validation prompts that should open the gate (threshold and its rates)."""
+    val_negative: PromptSet = field(
+        default_factory=lambda: PromptSet("builtin:harmless", offset=16)
+    )
+    """Validation prompts that should not."""
+    compare_ungated: bool = True
+    """Also evaluate every strength without the gate."""
+
+
+@dataclass
+class EvalRefusalConfig(SteeringSpec, Target):
+    """Refusal rates on unsafe and safe prompts for the baseline and a sweep of strengths."""
+
+    unsafe: list[PromptSet] = field(default_factory=lambda: [PromptSet("builtin:harmful")])
+    """Prompt sets the model should refuse (JSONL with turns: multi-turn conversations)."""
+    safe: list[PromptSet] = field(default_factory=lambda: [PromptSet("builtin:harmless")])
+    """Prompt sets it should answer."""
+    strengths: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
+    """Strengths swept (see strength_unit)."""
+    gate: GateConfig | None = None
+    """Conditional steering; null steers every prompt."""
+    judge: str = "keyword"
+    """Refusal judge: keyword, or a classifier's Hub id or folder."""
+    judge_kind: Literal["auto", "wildguard", "llama_guard", "harmbench"] = "auto"
+    """Prompt format of a model judge; auto goes by its name."""
+    fluency_loss: bool = True
+    """Measure the next-token loss on the built-in harmless replies under each setting."""
+    capability: dict[str, float] | None = None
+    """Optional capability score per setting name (e.g. from lm-eval) for the trade-off plot."""
+    out_dir: str = "steering/eval"
+    """Where responses.jsonl, results.json, summary.md, the plots and config.yaml go."""
+
+
+def _parser(config_cls: type, prog: str):
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = ArgumentParser(prog=prog, description=config_cls.__doc__, exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of these options.")
+    parser.add_class_arguments(config_cls)
+    return parser
+
+
+def parse_config(config_cls: type, argv: list[str], prog: str) -> tuple[Any, str]:
+    """The typed config of ``argv`` and its resolved YAML (``--help``/``--print_config`` exit)."""
+    parser = _parser(config_cls, prog)
+    ns = parser.parse_args(argv)
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    init = instantiate(ns)
+    values = {f.name: init[f.name] for f in dataclasses.fields(config_cls)}
+    ns.pop("config", None)
+    return config_cls(**values), parser.dump(ns)
+
+
+def _load(cfg: Target):
+    from ..data.lm import hidden_size, load_lm, pick_dtype
+    from ..sae import load_sae
+    from .hooks import sae_layer
+
+    sae = load_sae(cfg.sae, device=cfg.device)
+    model_id = cfg.model or sae.cfg.extra.get("model")
+    if not model_id:
+        raise ValueError(f"{cfg.sae}/cfg.json names no model (extra.model): pass --model")
+    if cfg.layer is None:
+        cfg.layer = sae_layer(sae)
+    dtype = pick_dtype(cfg.lm_dtype, torch.device(cfg.device))
+    model, tokenizer = load_lm(model_id, dtype=dtype, device=cfg.device)
+    if hidden_size(model.config) != sae.cfg.d_in:
+        raise ValueError(
+            f"the SAE takes d_in={sae.cfg.d_in} but {model_id} has hidden size "
+            f"{hidden_size(model.config)}: pass the model the SAE was trained on"
+        )
+    return sae, model, tokenizer
+
+
+def _save_config(out_dir: str, yaml: str) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml)
+    return out
+
+
+def _units(cfg, sae, model, tokenizer) -> list[float]:
+    """Per-feature unit of strength: 1, or the largest activation on refusal text."""
+    if cfg.strength_unit == "absolute" or cfg.op == "ablate":
+        return [1.0] * len(cfg.features)
+    if cfg.features_table:
+        table = json.loads(Path(cfg.features_table).read_text())
+        known = {r["feature"]: r["max_pos"] for m in table["methods"].values() for r in m["rows"]}
+        missing = [f for f in cfg.features if f not in known]
+        if missing:
+            raise ValueError(
+                f"features {missing} are not in {cfg.features_table}: use features from it, "
+                "or strength_unit: absolute"
+            )
+        return [float(known[f]) for f in cfg.features]
+    from .features import refusal_max_activations
+
+    units = refusal_max_activations(
+        model, tokenizer, sae, cfg.features, layer=cfg.layer, batch_size=cfg.batch_size
+    )
+    silent = [f for f, u in zip(cfg.features, units, strict=True) if u <= 0]
+    if silent:
+        raise ValueError(
+            f"features {silent} never fire on the built-in refusal replies, so they have no "
+            "max_activation unit: pass features_table, or strength_unit: absolute"
+        )
+    return units
+
+
+def _interventions(cfg, units: list[float], strength: float) -> list[Intervention]:
+    values = [strength * u for u in units]
+    return [Intervention(list(cfg.features), cfg.op, values, positions=cfg.positions)]
+
+
+def run_features(argv: list[str]) -> None:
+    """``python -m saetrain features``: rank refusal features, write features.json/.txt."""
+    from .features import find_features, write_table
+    from .judge import make_judge
+
+    cfg, yaml = parse_config(FeaturesConfig, argv, "saetrain features")
+    harmful, harmless = load_prompts(cfg.harmful), load_prompts(cfg.harmless)
+    sae, model, tokenizer = _load(cfg)
+    table = find_features(
+        model,
+        tokenizer,
+        sae,
+        harmful,
+        harmless,
+        methods=cfg.methods,
+        layer=cfg.layer,
+        top_n=cfg.top_n,
+        rank_by=cfg.rank_by,
+        contexts=cfg.contexts,
+        judge=make_judge(cfg.judge, kind=cfg.judge_kind, device=cfg.device),
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        min_refusals=cfg.min_refusals,
+        effect_candidates=cfg.effect_candidates,
+        effect_strength=cfg.effect_strength,
+        effect_prompts=cfg.effect_prompts,
+    )
+    table.update(sae=cfg.sae, model=cfg.model or sae.cfg.extra.get("model"))
+    out = _save_config(cfg.out_dir, yaml)
+    paths = write_table(table, out)
+    print(paths[1].read_text())
+    print(f"saetrain features: wrote {paths[0]} and {paths[1]}")
+
+
+def side_by_side(left: str, right: str, width: int, titles=("baseline", "steered")) -> str:
+    """Two texts in columns of ``width`` characters in all."""
+    col = max(20, (width - 3) // 2)
+    a = [titles[0], "-" * col] + [
+        x for p in left.splitlines() or [""] for x in textwrap.wrap(p, col) or [""]
+    ]
+    b = [titles[1], "-" * col] + [
+        x for p in right.splitlines() or [""] for x in textwrap.wrap(p, col) or [""]
+    ]
+    rows = itertools.zip_longest(a, b, fillvalue="")
+    return "\n".join(f"{x:<{col}} | {y}" for x, y in rows)
+
+
+def run_steer(argv: list[str]) -> None:
+    """``python -m saetrain steer``: one prompt, baseline and steered replies side by side."""
+    from .generate import generate
+
+    cfg, _ = parse_config(SteerConfig, argv, "saetrain steer")
+    if not cfg.features:
+        raise ValueError(
+            "steer needs --features, e.g. --features [1234] (from `saetrain features`)"
+        )
+    sae, model, tokenizer = _load(cfg)
+    ivs = _interventions(cfg, _units(cfg, sae, model, tokenizer), cfg.strength)
+    kw = dict(max_new_tokens=cfg.max_new_tokens, system=cfg.system)
+    base = generate(model, tokenizer, [cfg.prompt], **kw)[0].response
+    steered = generate(
+        model, tokenizer, [cfg.prompt], sae=sae, interventions=ivs, layer=cfg.layer, **kw
+    )[0].response
+    values = ivs[0].values(torch.device("cpu")).tolist()
+    how = ", ".join(f"{f}->{v:.3g}" for f, v in zip(cfg.features, values, strict=True))
+    width = cfg.width or shutil.get_terminal_size((100, 20)).columns
+    print(f"prompt: {cfg.prompt}\n")
+    print(side_by_side(base, steered, width, ("baseline", f"steered ({cfg.op} {how})")))
+
+
+def _gate(cfg: EvalRefusalConfig, sae, model, tokenizer):
+    from .gate import FeatureGate, calibrate, fit_probe, pooled_activations
+
+    g = cfg.gate
+    kw = dict(sae=sae, layer=cfg.layer, batch_size=cfg.batch_size)
+    if g.kind == "feature":
+        feature = g.feature if g.feature is not None else (cfg.features or [None])[0]
+        if feature is None:
+            raise ValueError("a feature gate needs gate.feature (or features to steer)")
+        gate = FeatureGate(sae, feature)
+    else:
+        pos = [r.input for r in load_prompts(g.train_positive)]
+        neg = [r.input for r in load_prompts(g.train_negative)]
+        acts = pooled_activations(model, tokenizer, pos + neg, **kw)
+        gate = fit_probe(acts, torch.tensor([1.0] * len(pos) + [0.0] * len(neg)))
+    if g.threshold is not None:
+        gate.threshold = g.threshold
+        return gate, {"threshold": g.threshold, "chosen_on_validation": False}
+    vpos = [r.input for r in load_prompts(g.val_positive)]
+    vneg = [r.input for r in load_prompts(g.val_negative)]
+    cal = calibrate(gate, model, tokenizer, vpos, vneg, max_fpr=g.max_fpr, **kw)
+    print(f"saetrain eval-refusal: gate {g.kind}: {cal}")
+    return gate, {**dataclasses.asdict(cal), "chosen_on_validation": True}
+
+
+def run_eval_refusal(argv: list[str]) -> None:
+    """``python -m saetrain eval-refusal``: refusal rates for the baseline and each strength."""
+    from . import builtin
+    from .evaluate import EvalSet, Setting, evaluate_refusal
+    from .judge import make_judge
+    from .report import markdown_summary, write_report
+
+    cfg, yaml = parse_config(EvalRefusalConfig, argv, "saetrain eval-refusal")
+    sets = [EvalSet(s.display_name, "unsafe", load_prompts(s)) for s in cfg.unsafe]
+    sets += [EvalSet(s.display_name, "safe", load_prompts(s)) for s in cfg.safe]
+    if not sets:
+        raise ValueError("eval-refusal needs at least one prompt set in unsafe or safe")
+    judge = make_judge(cfg.judge, kind=cfg.judge_kind, device=cfg.device)
+    sae, model, tokenizer = _load(cfg)
+    settings = [Setting("baseline")]
+    gate_info = None
+    if cfg.features:
+        units = _units(cfg, sae, model, tokenizer)
+        gate = None
+        if cfg.gate is not None:
+            gate, gate_info = _gate(cfg, sae, model, tokenizer)
+        for s in cfg.strengths:
+            ivs = _interventions(cfg, units, s)
+            if gate is None or cfg.gate.compare_ungated:
+                settings.append(Setting(f"{cfg.op} x{s:g}", ivs, strength=s, series="steered"))
+            if gate is not None:
+                settings.append(Setting(f"{cfg.op} x{s:g} gated", ivs, gate, s, series="gated"))
+    out = _save_config(cfg.out_dir, yaml)
+    rows = evaluate_refusal(
+        model,
+        tokenizer,
+        sae,
+        sets,
+        settings,
+        judge=judge,
+        layer=cfg.layer,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        responses_path=out / "responses.jsonl",
+        fluency_pairs=builtin.harmless_pairs() if cfg.fluency_loss else (),
+        system=cfg.system,
+    )
+    results = {"features": cfg.features, "op": cfg.op, "gate": gate_info, "rows": rows}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_report(rows, out, capability=cfg.capability)
+    print(markdown_summary(rows))
+    print(f"saetrain eval-refusal: wrote {out}/responses.jsonl, results.json, summary.md and plots")

@@ -1,0 +1,248 @@
+"""Conditional steering: gates that read a prompt once and decide whether to steer it.
+
+A gate scores each sequence's prompt when the sequence starts (the hook sees the unedited
+residual stream of every prompt token) and opens when the score is above its threshold; the
+interventions then apply to that sequence's prompt and every token generated after it, and to
+nothing in the sequences it left closed::
+
+    gate = FeatureGate(sae, feature=1234)
+    cal = calibrate(gate, model, tok, harmful_val, harmless_val)   # sets gate.threshold
+    print(cal)  # threshold and its own true/false positive rates on the validation prompts
+    gens = generate(model, tok, prompts, sae=sae, interventions=[...], gate=gate)
+
+Two gates: :class:`FeatureGate` (an SAE latent's largest value over the prompt) and
+:class:`ProbeGate` (a logistic probe on the prompt's mean activation, fitted with
+:func:`fit_probe` on labelled prompts). The tokens read skip special and chat-template tokens,
+the first position and massive-activation outliers (see ``hooks.usable_tokens``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .generate import generate
+from .hooks import feature_values
+from .stats import wilson_interval
+
+
+class Gate(Protocol):
+    """What :class:`~saetrain.steering.hooks.Steering` needs from a gate."""
+
+    threshold: float
+    outlier_multiple: float | None
+
+    def scores(self, acts: Tensor, read: Tensor) -> Tensor:
+        """(B,) score of each row of ``acts`` (B, T, d_in) over the tokens where ``read``."""
+        ...
+
+
+def _pool(values: Tensor, read: Tensor, reduce: str) -> Tensor:
+    """Reduce (B, T) or (B, T, d) ``values`` over tokens where ``read`` (B, T)."""
+    r = read.unsqueeze(-1) if values.dim() == 3 else read
+    if reduce == "max":
+        return torch.where(r, values, torch.zeros_like(values)).amax(1)
+    total = torch.where(r, values, torch.zeros_like(values)).sum(1)
+    return total / r.sum(1).clamp_min(1)
+
+
+class FeatureGate:
+    """Opens when SAE latent ``feature`` goes above ``threshold`` on the prompt (its largest
+    value over the read tokens, or the mean with ``reduce="mean"``)."""
+
+    def __init__(
+        self,
+        sae,
+        feature: int,
+        threshold: float = 0.0,
+        *,
+        reduce: Literal["max", "mean"] = "max",
+        outlier_multiple: float | None = 10.0,
+    ):
+        if not 0 <= feature < sae.cfg.num_latents:
+            raise ValueError(f"gate feature {feature} is not in 0..{sae.cfg.num_latents - 1}")
+        if reduce not in ("max", "mean"):
+            raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
+        self.sae, self.feature, self.threshold = sae, int(feature), float(threshold)
+        self.reduce, self.outlier_multiple = reduce, outlier_multiple
+
+    def scores(self, acts: Tensor, read: Tensor) -> Tensor:
+        B, T, d = acts.shape
+        flat = acts.reshape(B * T, d).to(self.sae.device, self.sae.dtype)
+        latent_acts, latent_indices = self.sae.encode(flat)  # (B*T, k) each
+        feats = torch.tensor([self.feature], device=latent_indices.device)
+        f = feature_values(latent_acts.float(), latent_indices, feats).view(B, T)
+        return _pool(f.to(acts.device), read, self.reduce)
+
+
+class ProbeGate(nn.Module):
+    """Logistic probe on the prompt's mean activation: score = w . (mean - mu) / sigma + b."""
+
+    def __init__(
+        self,
+        weight: Tensor,
+        bias: float,
+        mu: Tensor,
+        sigma: Tensor,
+        threshold: float = 0.0,
+        *,
+        outlier_multiple: float | None = 10.0,
+    ):
+        super().__init__()
+        self.register_buffer("weight", weight.float())  # (d,)
+        self.register_buffer("mu", mu.float())  # (d,)
+        self.register_buffer("sigma", sigma.float())  # (d,)
+        self.bias, self.threshold, self.outlier_multiple = (
+            float(bias),
+            float(threshold),
+            outlier_multiple,
+        )
+
+    def score_pooled(self, pooled: Tensor) -> Tensor:
+        """(P,) logits of pooled activations (P, d)."""
+        mu, sigma, w = (t.to(pooled.device) for t in (self.mu, self.sigma, self.weight))
+        return ((pooled.float() - mu) / sigma) @ w + self.bias
+
+    def scores(self, acts: Tensor, read: Tensor) -> Tensor:
+        return self.score_pooled(_pool(acts.float(), read, "mean"))
+
+
+def fit_probe(pooled: Tensor, labels: Tensor, *, l2: float = 1e-2, steps: int = 100) -> ProbeGate:
+    """Fit a :class:`ProbeGate` (threshold 0, i.e. p = 0.5) on pooled prompt activations
+    (P, d) with 0/1 ``labels`` (P,) by L2-regularised logistic regression (L-BFGS)."""
+    labels = torch.as_tensor(labels).float()
+    if labels.numel() != pooled.shape[0] or set(labels.tolist()) != {0.0, 1.0}:
+        raise ValueError("fit_probe needs one 0/1 label per prompt, with both labels present")
+    x = pooled.float()
+    mu, sigma = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mu) / sigma
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(z @ w + b, labels)
+        loss = loss + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return ProbeGate(w.detach(), float(b.detach()), mu, sigma)
+
+
+class _Collect:
+    """A gate that never opens and keeps the pooled prompt activations it reads."""
+
+    threshold = float("inf")
+
+    def __init__(self, outlier_multiple: float | None):
+        self.outlier_multiple = outlier_multiple
+        self.pooled: list[Tensor] = []
+
+    def scores(self, acts: Tensor, read: Tensor) -> Tensor:
+        self.pooled.append(_pool(acts.float(), read, "mean").cpu())
+        return torch.zeros(acts.shape[0], device=acts.device)
+
+
+def _prompt_pass(model, tokenizer, sae, gate, prompts, layer, batch_size) -> list[float]:
+    # One greedy token per prompt runs the exact path that steering uses (template, padding,
+    # read mask), so scores here equal the ones the hook computes during generation.
+    gens = generate(
+        model,
+        tokenizer,
+        prompts,
+        sae=sae,
+        gate=gate,
+        layer=layer,
+        max_new_tokens=1,
+        batch_size=batch_size,
+    )
+    return [g.gate_score for g in gens]
+
+
+def gate_scores(gate, model, tokenizer, prompts: Sequence, *, sae, layer=None, batch_size=8):
+    """(P,) scores the gate gives ``prompts`` (strings or lists of turns) during generation."""
+    return torch.tensor(_prompt_pass(model, tokenizer, sae, gate, prompts, layer, batch_size))
+
+
+def pooled_activations(
+    model, tokenizer, prompts: Sequence, *, sae, layer=None, batch_size=8, outlier_multiple=10.0
+) -> Tensor:
+    """(P, d_in) mean residual activation over each prompt's read tokens (for :func:`fit_probe`)."""
+    collect = _Collect(outlier_multiple)
+    _prompt_pass(model, tokenizer, sae, collect, prompts, layer, batch_size)
+    return torch.cat(collect.pooled)
+
+
+@dataclass
+class GateCalibration:
+    """A gate threshold chosen on validation prompts, with its rates on them."""
+
+    threshold: float
+    tpr: float
+    """True positive rate: flagged prompts among those that should be (e.g. harmful)."""
+    fpr: float
+    """False positive rate: flagged prompts among those that should not be."""
+    tpr_interval: tuple[float, float]
+    fpr_interval: tuple[float, float]
+    n_positive: int
+    n_negative: int
+
+    def __str__(self) -> str:
+        return (
+            f"threshold {self.threshold:.4g}: TPR {self.tpr:.1%} "
+            f"[{self.tpr_interval[0]:.1%}, {self.tpr_interval[1]:.1%}] on {self.n_positive}, "
+            f"FPR {self.fpr:.1%} [{self.fpr_interval[0]:.1%}, {self.fpr_interval[1]:.1%}] "
+            f"on {self.n_negative} validation prompts"
+        )
+
+
+def choose_threshold(pos: Tensor, neg: Tensor, *, max_fpr: float | None = None) -> GateCalibration:
+    """Threshold between observed scores of positive (P,) and negative (N,) prompts.
+
+    Maximises TPR - FPR (Youden's J), or, with ``max_fpr``, TPR subject to FPR <= max_fpr; ties
+    go to the higher threshold. Thresholds sit halfway between neighbouring scores.
+    """
+    if pos.numel() == 0 or neg.numel() == 0:
+        raise ValueError("choosing a gate threshold needs positive and negative validation prompts")
+    scores = torch.cat([pos, neg]).float().unique().sort().values
+    mids = (scores[1:] + scores[:-1]) / 2
+    candidates = torch.cat([scores[:1] - 1, mids, scores[-1:] + 1])
+    best, best_key = None, None
+    for t in candidates.tolist():
+        tpr = float((pos > t).float().mean())
+        fpr = float((neg > t).float().mean())
+        if max_fpr is not None and fpr > max_fpr:
+            continue
+        key = (tpr, t) if max_fpr is not None else (tpr - fpr, t)
+        if best_key is None or key >= best_key:
+            best, best_key = t, key
+    assert best is not None  # the top candidate flags nothing, so FPR = 0 always qualifies
+    tp, fp = int((pos > best).sum()), int((neg > best).sum())
+    return GateCalibration(
+        threshold=best,
+        tpr=tp / pos.numel(),
+        fpr=fp / neg.numel(),
+        tpr_interval=wilson_interval(tp, pos.numel()),
+        fpr_interval=wilson_interval(fp, neg.numel()),
+        n_positive=pos.numel(),
+        n_negative=neg.numel(),
+    )
+
+
+def calibrate(
+    gate, model, tokenizer, positive, negative, *, sae, layer=None, max_fpr=None, batch_size=8
+) -> GateCalibration:
+    """Score validation prompts that should (``positive``) and should not (``negative``) open
+    the gate, set ``gate.threshold`` by :func:`choose_threshold`, and return its rates."""
+    pos = gate_scores(gate, model, tokenizer, positive, sae=sae, layer=layer, batch_size=batch_size)
+    neg = gate_scores(gate, model, tokenizer, negative, sae=sae, layer=layer, batch_size=batch_size)
+    cal = choose_threshold(pos, neg, max_fpr=max_fpr)
+    gate.threshold = cal.threshold
+    return cal

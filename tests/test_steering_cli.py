@@ -1,0 +1,97 @@
+"""``python -m saetrain features | steer | eval-refusal`` end to end on a tiny Phi-3 and a tiny
+SAE: files written, config files parse, bad input gives one line and exit status 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from saetrain import SAE, SAEConfig
+from saetrain.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs" / "steering").glob("*.yaml"))
+FAST = ["--max_new_tokens", "3", "--batch_size", "4"]
+
+
+@pytest.fixture(scope="module")
+def sae_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=32, num_latents=64, k=4))
+    return sae.save(
+        tmp_path_factory.mktemp("sae") / "tiny", {"model": str(tiny_model_dir), "layer": 1}
+    )
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and not any("Traceback" in line for line in err)
+    return err[-1]
+
+
+def test_steer_prints_baseline_and_steered_replies_side_by_side(sae_dir, capsys):
+    args = ["steer", "--sae", str(sae_dir), "--features", "[3, 5]", "--op", "add", "--prompt", "hi"]
+    args += ["--strength_unit", "absolute", "--strength", "6", "--width", "80", *FAST]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "prompt: hi" in out and "baseline" in out and "steered (add 3->6, 5->6)" in out
+
+
+def test_features_writes_the_ranking_and_its_config(sae_dir, tmp_path):
+    out = tmp_path / "features"
+    args = ["features", "--sae", str(sae_dir), "--harmful.limit", "4", "--harmless.limit", "4"]
+    args += ["--top_n", "5", "--out_dir", str(out), *FAST]
+    assert main(args) == 0
+    table = json.loads((out / "features.json").read_text())
+    assert set(table["methods"]) == {"response", "contrast"} and table["layer"] == 1
+    assert (out / "features.txt").is_file() and (out / "config.yaml").is_file()
+
+
+def test_eval_refusal_sweeps_strengths_with_a_gate_and_writes_every_file(sae_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    gate = {
+        "kind": "feature",
+        "val_positive": {"path": "builtin:harmful", "offset": 16, "limit": 3},
+        "val_negative": {"path": "builtin:harmless", "offset": 16, "limit": 3},
+    }
+    args = ["eval-refusal", "--sae", str(sae_dir), "--features", "[3]", "--op", "add"]
+    args += ["--strength_unit", "absolute", "--strengths", "[2, 8]", "--gate", json.dumps(gate)]
+    args += ["--unsafe", '[{"path": "builtin:harmful", "limit": 3}]']
+    args += ["--safe", '[{"path": "builtin:harmless", "limit": 2}]', "--out_dir", str(out), *FAST]
+    assert main(args) == 0
+    names = {"responses.jsonl", "results.json", "summary.md", "config.yaml"}
+    names |= {"refusal_vs_strength.png", "tradeoff.png"}
+    assert names <= {p.name for p in out.iterdir()}
+    results = json.loads((out / "results.json").read_text())
+    settings = {r["setting"] for r in results["rows"]}
+    assert settings == {"baseline", "add x2", "add x8", "add x2 gated", "add x8 gated"}
+    assert 0 <= results["gate"]["fpr"] <= 1 and results["gate"]["chosen_on_validation"]
+    assert len((out / "responses.jsonl").read_text().splitlines()) == 5 * 5
+    assert "gate feature: threshold" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_steering_config_parses(config, capsys):
+    command = config.stem
+    assert main([command, "--config", str(config), "--print_config"]) == 0
+    assert "sae:" in capsys.readouterr().out
+    assert config.read_text().startswith("#"), "a config starts with a comment giving its command"
+
+
+def test_a_missing_sae_is_one_line_and_exit_status_2(tmp_path, capsys):
+    assert main(["steer", "--sae", str(tmp_path / "nope"), "--features", "[1]"]) == 2
+    assert "nope" in error_line(capsys)
+
+
+def test_a_feature_outside_the_sae_is_one_line_and_exit_status_2(sae_dir, capsys):
+    args = ["steer", "--sae", str(sae_dir), "--features", "[999]", "--strength_unit", "absolute"]
+    assert main([*args, *FAST]) == 2
+    assert "feature 999 does not exist" in error_line(capsys)
+
+
+def test_a_bad_option_value_is_one_line_and_exit_status_2(capsys):
+    assert main(["eval-refusal", "--sae", "x", "--unsafe", '[{"path": "a.csv", "limit": 0}]']) == 2
+    assert "limit" in error_line(capsys)
