@@ -178,6 +178,7 @@ commands:
   features   rank SAE latents as refusal features (--sae DIR; writes features.json/.txt)
   steer      answer one prompt with and without steering, side by side (--sae DIR --features [ID])
   eval-refusal  refusal rates on unsafe/safe prompts for a sweep of strengths, with plots
+  eval-capability  lm-eval scores (MMLU, GSM8K, TruthfulQA) and loss under each strength
 
 Run `python -m saetrain COMMAND --help` for a command's options.
 """
@@ -191,6 +192,9 @@ COMMANDS = {
     "features": lambda a: __import__("saetrain.steering", fromlist=["_"]).run_features(a),
     "steer": lambda a: __import__("saetrain.steering", fromlist=["_"]).run_steer(a),
     "eval-refusal": lambda a: __import__("saetrain.steering", fromlist=["_"]).run_eval_refusal(a),
+    "eval-capability": lambda a: __import__(
+        "saetrain.steering", fromlist=["_"]
+    ).run_eval_capability(a),
 }
 
 
