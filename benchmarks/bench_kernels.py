@@ -8,9 +8,14 @@ Three rows per dtype (fp32, and bf16 autocast with fp32 parameters):
 - floor: F.linear(x, W_enc, b_enc) alone, the one dense matmul a Top-k step cannot avoid;
 - dense: a plain autograd step (topk on F.linear, x_hat = dense latents @ W_dec);
 - kernels: the same step with saetrain.kernels (encode_topk, decode, decoder-norm step).
-A step is: forward, FVU + AuxK loss (dead latents drawn at --dead-fraction), backward,
-decoder-gradient projection, fused Adam, row renormalisation. Rounds interleave the three
-and the best round is kept, as other work on the machine only ever adds time.
+A step is: forward, FVU + AuxK loss (dead latents drawn at --dead-fraction; k_aux =
+min(d_in // 2, dead count) as in sparsify), backward, decoder-gradient projection, fused
+Adam, row renormalisation. Rounds interleave the three and the best round is kept, as other
+work on the machine only ever adds time.
+
+On CPU, glibc hands big tensors fresh pages from mmap and each first touch faults (~0.5 ms
+per MB here): MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 lets freed memory be
+reused and speeds every row (both steps more than the floor).
 """
 
 from __future__ import annotations
@@ -146,56 +151,67 @@ def bench_steps(args, dtype_name: str) -> None:
         f"dead={int(dead_mask.sum())})"
     )
     for name, t in times.items():
-        print(
-            f"  {name:24s} {t * 1e3:8.1f} ms  {B / t:10.0f} tok/s  {floor_time / t:6.2f} x floor speed"
-        )
+        speed = f"{B / t:10.0f} tok/s  {floor_time / t:6.2f} x floor speed"
+        print(f"  {name:24s} {t * 1e3:8.1f} ms  {speed}")
 
 
-def bench_ops(args) -> None:
-    """Torch alternatives for each sparse op, at the step's shapes (the CPU choice)."""
+def op_alternatives(B: int, D: int, N: int, k: int, dtype: torch.dtype) -> dict:
+    """Torch ways to run each sparse op at these shapes; "(ours)" marks the CPU choice."""
     import warnings
 
     from saetrain.kernels.topk import select_topk
 
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+    torch.manual_seed(0)
+    W = (torch.randn(N, D) / D**0.5).to(dtype)  # (num_latents, d)
+    x = torch.randn(B, D, dtype=dtype)
+    idx = torch.randint(0, N, (B, k))
+    acts = torch.rand(B, k, dtype=dtype)
+    flat = idx.reshape(-1)
+    pre = F.linear(x.float(), W.float())  # (B, num_latents)
+    offsets, bags = torch.arange(0, B * k, k), torch.arange(B * k) // k
+
+    def csr_mm():
+        rows, order = flat.sort()
+        crow = torch.zeros(N + 1, dtype=torch.int64)
+        crow[1:] = torch.bincount(rows, minlength=N).cumsum(0)
+        csr = torch.sparse_csr_tensor(crow, order // k, acts.reshape(-1)[order].float(), (N, B))
+        out = torch.empty(N, D)
+        return torch.addmm(out, csr, x.float(), beta=0, out=out)
+
+    def index_add():
+        rows = acts.float().reshape(-1, 1) * x.float().repeat_interleave(k, 0)
+        return torch.zeros(N, D).index_add_(0, flat, rows)
+
+    def dense_latents():
+        return torch.zeros(B, N, dtype=dtype).scatter_(1, idx, acts)
+
+    def psw_backward():
+        return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            x, W, flat, offsets, bags, 0, -1
+        )
+
+    return {
+        "topk: torch.topk": lambda: pre.topk(k, dim=1),
+        "topk: grouped (ours)": lambda: select_topk(pre, k),
+        "decode: embedding_bag (ours)": lambda: F.embedding_bag(
+            idx, W, per_sample_weights=acts, mode="sum"
+        ),
+        "decode: gather + bmm": lambda: torch.bmm(acts.unsqueeze(1), W[idx]),
+        "decode: dense latents @ W": lambda: dense_latents() @ W,
+        "grad acts: emb-bag psw backward (ours)": psw_backward,
+        "grad acts: gather + bmm": lambda: torch.bmm(W[idx], x.unsqueeze(-1)),
+        "grad W: CSR @ dense (ours)": csr_mm,
+        "grad W: index_add_": index_add,
+        "grad W: dense latents.T @ x": lambda: dense_latents().T @ x,
+    }
+
+
+def bench_ops(args) -> None:
+    """Time the torch alternatives for each sparse op at the step's shapes, on CPU."""
     B, D, N, k = args.batch, args.d_in, args.num_latents, args.k
     for dtype in (torch.float32, torch.bfloat16):
-        torch.manual_seed(0)
-        W = (torch.randn(N, D) / D**0.5).to(dtype)
-        x = torch.randn(B, D, dtype=dtype)
-        idx = torch.randint(0, N, (B, k))
-        acts = torch.rand(B, k, dtype=dtype)
-        flat = idx.reshape(-1)
-        pre = F.linear(x.float(), W.float())
-
-        def csr_mm():
-            rows, order = flat.sort()
-            crow = torch.zeros(N + 1, dtype=torch.int64)
-            crow[1:] = torch.bincount(rows, minlength=N).cumsum(0)
-            csr = torch.sparse_csr_tensor(crow, order // k, acts.reshape(-1)[order].float(), (N, B))
-            return csr @ x.float()
-
-        def index_add():
-            rows = acts.float().reshape(-1, 1) * x.float().repeat_interleave(k, 0)
-            return torch.zeros(N, D).index_add_(0, flat, rows)
-
-        def dense_scatter():
-            return torch.zeros(B, N, dtype=dtype).scatter_(1, idx, acts)
-
-        offsets, bags = torch.arange(0, B * k, k), torch.arange(B * k) // k
-        ops = {
-            "topk: torch.topk": lambda: pre.topk(k, dim=1),
-            "topk: grouped (ours)": lambda: select_topk(pre, k),
-            "decode: embedding_bag (ours)": lambda: F.embedding_bag(idx, W, per_sample_weights=acts, mode="sum"),
-            "decode: gather + bmm": lambda: torch.bmm(acts.unsqueeze(1), W[idx]),
-            "decode: dense scatter @ W": lambda: dense_scatter() @ W,
-            "grad acts: emb-bag psw backward (ours)": lambda: torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                x, W, flat, offsets, bags, 0, -1),
-            "grad acts: gather + bmm": lambda: torch.bmm(W[idx], x.unsqueeze(-1)),
-            "grad W: CSR @ dense (ours)": csr_mm,
-            "grad W: index_add_": index_add,
-            "grad W: dense scatter.T @ x": lambda: dense_scatter().T @ x,
-        }  # fmt: skip
+        ops = op_alternatives(B, D, N, k, dtype)
         print(f"\nops, {dtype} (B={B}, d={D}, num_latents={N}, k={k})")
         for name, t in best_times(ops, max(1, args.rounds - 1)).items():
             print(f"  {name:40s} {t * 1e3:8.1f} ms")
@@ -208,15 +224,17 @@ def main() -> None:
     parser.add_argument("--num-latents", type=int, default=16384)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--k-aux", type=int, default=0, help="0: d_in // 2, as in sparsify")
-    parser.add_argument("--dead-fraction", type=float, default=0.05)
+    parser.add_argument("--dead-fraction", type=float, default=0.01)
     parser.add_argument("--dtypes", default="fp32,bf16")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0: default")
     parser.add_argument("--ops", action="store_true", help="also time torch alternatives per op")
     args = parser.parse_args()
-    print(
-        f"saetrain.kernels backend={get_backend()} device={args.device} threads={torch.get_num_threads()}"
-    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    print(f"saetrain.kernels backend={get_backend()} device={args.device} threads={threads}")
     for dtype_name in args.dtypes.split(","):
         bench_steps(args, dtype_name)
     if args.ops:

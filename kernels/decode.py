@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .sparse_ops import check_rows, gather_combine, gather_dot, scatter_outer
+from .sparse_ops import check_rows, compact_rows, gather_combine, gather_dot, scatter_outer
 
 
 def decode_reference(latent_acts: Tensor, latent_indices: Tensor, W_dec: Tensor) -> Tensor:
@@ -28,7 +28,9 @@ class DecodeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, latent_acts: Tensor, latent_indices: Tensor, W_dec: Tensor) -> Tensor:
         ctx.save_for_backward(latent_acts, latent_indices, W_dec)
-        return gather_combine(latent_acts, latent_indices, W_dec)  # (B, d_in)
+        # CPU, few distinct latents (AuxK): dense over them, planned once for both passes.
+        ctx.compact = compact_rows(latent_indices, W_dec.shape[0])
+        return gather_combine(latent_acts, latent_indices, W_dec, ctx.compact)  # (B, d_in)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -36,11 +38,12 @@ class DecodeFunction(torch.autograd.Function):
         grad_out = grad_out.contiguous()  # (B, d_in)
         grad_acts = grad_W_dec = None
         if ctx.needs_input_grad[0]:
-            grad_acts = gather_dot(grad_out, latent_indices, W_dec)  # (B, k)
+            grad_acts = gather_dot(grad_out, latent_indices, W_dec, ctx.compact)  # (B, k)
         if ctx.needs_input_grad[2]:
             # k rows of W_dec per token, scatter-added in fp32.
-            grad_W_dec, _ = scatter_outer(latent_acts, latent_indices, grad_out, W_dec.shape[0])
-            grad_W_dec = grad_W_dec.to(W_dec.dtype)  # (num_latents, d_in)
+            grad_W_dec = scatter_outer(
+                latent_acts, latent_indices, grad_out, W_dec.shape[0], compact=ctx.compact
+            ).to(W_dec.dtype)  # (num_latents, d_in)
         return grad_acts, None, grad_W_dec
 
 

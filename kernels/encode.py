@@ -20,35 +20,39 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import CPU_FAST_HALF_MATMUL, HAS_TRITON, triton_interpreted, use_triton
-from .sparse_ops import _pow2, gather_combine, scatter_outer
-from .topk import NEG_KEY, select_topk
+from ._backend import CPU_FAST_HALF_MATMUL, HAS_TRITON, use_triton
+from .sparse_ops import _pow2, compact_rows, gather_combine, scatter_outer
+from .topk import NEG_KEY, select_topk, unpack_keys
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .topk import merge_topk, pack_keys, unpack_keys
+    from .topk import merge_topk, pack_keys
 
     @triton.jit
     def _encode_topk_kernel(
-        x_ptr, w_ptr, b_ptr, dead_ptr, acts_ptr, idx_ptr, aux_acts_ptr, aux_idx_ptr,
-        B, N, D, k, k_aux,
+        x_ptr, w_ptr, b_ptr, dead_ptr, keys_ptr, aux_keys_ptr,
+        B, N, D, tiles_per_split,
         KP: tl.constexpr, KAP: tl.constexpr, HAS_AUX: tl.constexpr, NEG: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        # One program per BLOCK_B tokens: sweep the latents BLOCK_N at a time, computing the
-        # pre-activation tile and folding it into a running top-KP (and top-KAP among dead
-        # latents) of packed (value, column) keys, so (B, num_latents) never reaches memory.
+        # One program per (BLOCK_B tokens, split of the latents): sweep the split BLOCK_N
+        # latents at a time, computing the pre-activation tile and folding it into a running
+        # top-KP (and top-KAP among dead latents) of packed (value, column) keys. Only those
+        # keys are written, (B, splits, KP): (B, num_latents) never reaches memory.
         offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # (BLOCK_B,)
         mask_b = offs_b < B
         offs_b = offs_b.to(tl.int64)
+        split, splits = tl.program_id(1), tl.num_programs(1)
+        n_start = split * tiles_per_split * BLOCK_N
+        n_end = tl.minimum(N, n_start + tiles_per_split * BLOCK_N)
         best = tl.full((BLOCK_B, KP), NEG, tl.int64)
         aux_best = tl.full((BLOCK_B, KAP), NEG, tl.int64)
-        for n0 in range(0, N, BLOCK_N):
+        for n0 in range(n_start, n_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-            mask_n = offs_n < N
+            mask_n = offs_n < n_end
             acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
@@ -63,6 +67,8 @@ if HAS_TRITON:
                     mask=mask_n[:, None] & mask_d[None, :],
                     other=0.0,
                 )  # (BLOCK_N, BLOCK_D)
+                if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9); fp32 is exact
+                    x_tile, w_tile = x_tile.to(tl.float32), w_tile.to(tl.float32)
                 acc = tl.dot(x_tile, tl.trans(w_tile), acc, input_precision=PRECISION)
             bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             keys = pack_keys(acc + bias[None, :], offs_n[None, :])  # (BLOCK_B, BLOCK_N)
@@ -72,21 +78,11 @@ if HAS_TRITON:
                 dead = tl.load(dead_ptr + offs_n, mask=mask_n, other=0) != 0  # (BLOCK_N,)
                 aux_keys = tl.where(dead[None, :], keys, NEG)
                 aux_best = merge_topk(aux_best, aux_keys, KAP, BLOCK_N)
-        # Keys come out sorted, largest first: the first k are the top k.
-        values, columns = unpack_keys(best)  # (BLOCK_B, KP)
-        offs_k = tl.arange(0, KP)
-        out = offs_b[:, None] * k + offs_k[None, :]
-        mask = mask_b[:, None] & (offs_k[None, :] < k)
-        tl.store(acts_ptr + out, tl.maximum(values, 0.0).to(acts_ptr.dtype.element_ty), mask=mask)
-        tl.store(idx_ptr + out, columns.to(tl.int64), mask=mask)
+        out = offs_b[:, None] * (splits * KP) + split * KP + tl.arange(0, KP)[None, :]
+        tl.store(keys_ptr + out, best, mask=mask_b[:, None])
         if HAS_AUX:
-            values, columns = unpack_keys(aux_best)  # (BLOCK_B, KAP)
-            offs_k = tl.arange(0, KAP)
-            out = offs_b[:, None] * k_aux + offs_k[None, :]
-            mask = mask_b[:, None] & (offs_k[None, :] < k_aux)
-            aux_values = tl.maximum(values, 0.0).to(aux_acts_ptr.dtype.element_ty)
-            tl.store(aux_acts_ptr + out, aux_values, mask=mask)
-            tl.store(aux_idx_ptr + out, columns.to(tl.int64), mask=mask)
+            out = offs_b[:, None] * (splits * KAP) + split * KAP + tl.arange(0, KAP)[None, :]
+            tl.store(aux_keys_ptr + out, aux_best, mask=mask_b[:, None])
 
 
 # Fuse the selection into the matmul when the running top-k fits in registers beside the
@@ -98,15 +94,15 @@ CPU_CHUNK_ROWS = 512
 
 
 class EncodeOutput(NamedTuple):
-    """What `encode_topk` returns; rows sorted by pre-activation, largest first."""
+    """What `encode_topk` returns. Main rows are sorted, largest first; aux rows may not be."""
 
     latent_acts: Tensor
     """(B, k) relu of the k largest pre-activations, in x's dtype."""
     latent_indices: Tensor
     """(B, k) int64 latent ids of latent_acts."""
     aux_acts: Tensor
-    """(B, k_aux') relu of the k_aux' largest pre-activations among dead latents, where
-    k_aux' = min(k_aux, number of dead latents): (B, 0) when none is dead."""
+    """(B, k_aux') relu of the k_aux' largest pre-activations among dead latents, in no
+    particular order, where k_aux' = min(k_aux, number of dead latents); (B, 0) if none."""
     aux_indices: Tensor
     """(B, k_aux') int64 latent ids of aux_acts."""
 
@@ -122,8 +118,8 @@ def encode_topk_reference(
         masked = pre_acts.masked_fill(~dead_mask, float("-inf"))  # (B, num_latents)
         aux_values, aux_indices = masked.topk(n_aux, dim=-1)  # (B, k_aux')
     else:
-        aux_values = pre_acts.new_zeros(x.shape[0], 0)
-        aux_indices = latent_indices.new_zeros(x.shape[0], 0)
+        aux_values = pre_acts[:, :0]  # (B, 0), still part of the graph
+        aux_indices = latent_indices[:, :0]
     acts, aux_acts = values.relu().to(x.dtype), aux_values.relu().to(x.dtype)
     return EncodeOutput(acts, latent_indices, aux_acts, aux_indices)
 
@@ -153,13 +149,17 @@ def _encode_torch(x, W_enc, b_enc, k, dead_mask, k_aux) -> EncodeOutput:
         pre_acts = torch.addmm(b_enc, x[start:end], W_enc.t(), out=buffer[: end - start])
         values, indices[start:end] = select_topk(pre_acts, k)
         acts[start:end] = values.relu()
-        if k_aux and 2 * dead_ids.numel() <= N:  # few dead: select from their columns only
-            values, local = select_topk(pre_acts.index_select(1, dead_ids), k_aux)
+        # Aux rows are left unsorted: sorting k_aux=288 of ~800 costs as much as selecting.
+        if k_aux and k_aux == dead_ids.numel():  # every dead latent is an aux latent
+            aux_indices[start:end] = dead_ids
+            aux_acts[start:end] = pre_acts.index_select(1, dead_ids).relu_()
+        elif k_aux and 2 * dead_ids.numel() <= N:  # few dead: select among their columns
+            values, local = select_topk(pre_acts.index_select(1, dead_ids), k_aux, False)
             aux_indices[start:end] = dead_ids[local]
             aux_acts[start:end] = values.relu()
         elif k_aux:
             pre_acts.masked_fill_(~dead_mask, float("-inf"))
-            values, aux_indices[start:end] = select_topk(pre_acts, k_aux)
+            values, aux_indices[start:end] = select_topk(pre_acts, k_aux, False)
             aux_acts[start:end] = values.relu()
     return EncodeOutput(acts, indices, aux_acts, aux_indices)
 
@@ -172,28 +172,48 @@ def _encode_triton(x, W_enc, b_enc, k, dead_mask, k_aux) -> EncodeOutput:
     if KP > MAX_FUSED_K:
         return _encode_torch(x, W_enc, b_enc, k, dead_mask, k_aux)
     fuse_aux = 0 < k_aux and KAP <= MAX_FUSED_K
-    acts = torch.empty(B, k, dtype=x.dtype, device=x.device)  # (B, k)
-    indices = torch.empty(B, k, dtype=torch.int64, device=x.device)
-    aux_acts = torch.empty(B, k_aux, dtype=x.dtype, device=x.device)  # (B, k_aux')
-    aux_indices = torch.empty(B, k_aux, dtype=torch.int64, device=x.device)
-    interpreted = x.device.type != "cuda" and triton_interpreted()
-    BLOCK_B, BLOCK_D = (16, 32) if interpreted else (64, 64)
-    BLOCK_N = max(16 if interpreted else 64, KP, KAP if fuse_aux else 1)
+    KAP = KAP if fuse_aux else 1
+    interpreted = x.device.type != "cuda"
+    # Sizes that compile without register spills for sm_90 (ptxas, num_warps=8); untimed.
+    width, half = KP + KAP, x.dtype != torch.float32
+    if interpreted:
+        BLOCK_B = 16
+    elif half:
+        BLOCK_B = 64 if width <= 33 else 32 if width <= 160 else 16
+    else:
+        BLOCK_B = 32 if width <= 129 else 16
+    BLOCK_N, BLOCK_D = max(16 if interpreted else 64, KP, KAP), 32
+    row_blocks, tiles = triton.cdiv(B, BLOCK_B), triton.cdiv(N, BLOCK_N)
+    if interpreted:
+        splits = min(2, tiles)  # still exercises the merge across splits
+    else:  # enough programs for ~4 per SM
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        splits = max(1, min(tiles, triton.cdiv(4 * sms, row_blocks)))
+    tiles_per_split = triton.cdiv(tiles, splits)
+    splits = triton.cdiv(tiles, tiles_per_split)
+    keys = torch.empty(B, splits * KP, dtype=torch.int64, device=x.device)  # (B, splits * KP)
+    aux_keys = keys.new_empty(B, splits * KAP) if fuse_aux else keys  # (B, splits * KAP)
     exact = x.dtype != torch.float32 or torch.get_float32_matmul_precision() == "highest"
-    _encode_topk_kernel[(triton.cdiv(B, BLOCK_B),)](
-        x, W_enc, b_enc, dead_mask if fuse_aux else x, acts, indices, aux_acts, aux_indices,
-        B, N, D, k, k_aux,
-        KP=KP, KAP=KAP if fuse_aux else 1, HAS_AUX=fuse_aux, NEG=NEG_KEY,
-        PRECISION="ieee" if exact else "tf32",
-        BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+    _encode_topk_kernel[(row_blocks, splits)](
+        x, W_enc, b_enc, dead_mask if fuse_aux else x, keys, aux_keys,
+        B, N, D, tiles_per_split,
+        KP=KP, KAP=KAP, HAS_AUX=fuse_aux, NEG=NEG_KEY,
+        PRECISION="ieee" if exact else "tf32", UPCAST=interpreted,
+        BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=8,
     )  # fmt: skip
-    if k_aux and not fuse_aux:  # large k_aux: a second, smaller matmul over dead latents
+    # The best k of the splits' candidates: keys sort like (value, column), largest first.
+    values, indices = unpack_keys(keys.topk(k, dim=1).values)  # (B, k)
+    acts = values.relu().to(x.dtype)
+    if fuse_aux:
+        aux_values, aux_indices = unpack_keys(aux_keys.topk(k_aux, dim=1).values)
+    elif k_aux:  # large k_aux: a second, smaller matmul over the dead latents only
         dead_ids = dead_mask.nonzero().squeeze(1)  # (num_dead,)
         pre_dead = F.linear(x, W_enc[dead_ids], b_enc[dead_ids])  # (B, num_dead)
-        values, local = pre_dead.topk(k_aux, dim=-1)  # (B, k_aux')
-        aux_acts.copy_(values.relu())
-        aux_indices.copy_(dead_ids[local])
-    return EncodeOutput(acts, indices, aux_acts, aux_indices)
+        aux_values, local = pre_dead.topk(k_aux, dim=-1)  # (B, k_aux')
+        aux_indices = dead_ids[local]
+    else:
+        aux_values, aux_indices = values[:, :0], indices[:, :0]
+    return EncodeOutput(acts, indices, aux_values.relu().to(x.dtype), aux_indices)
 
 
 class EncodeTopkFunction(torch.autograd.Function):
@@ -213,27 +233,33 @@ class EncodeTopkFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_acts, _grad_indices, grad_aux, _grad_aux_indices):
         x, W_enc, acts, indices, aux_acts, aux_indices = ctx.saved_tensors
-        # relu: the gradient passes only where the activation is positive.
-        grads, ids = [], []
-        if grad_acts is not None:
-            grads.append(grad_acts * (acts > 0))  # (B, k)
-            ids.append(indices)
-        if grad_aux is not None and aux_indices.shape[1]:
-            grads.append(grad_aux * (aux_acts > 0))  # (B, k_aux')
-            ids.append(aux_indices)
-        if not grads:
-            return None, None, None, None, None, None
-        grad_pre = torch.cat(grads, 1).to(x.dtype).contiguous()  # (B, k + k_aux')
-        ids = torch.cat(ids, 1).contiguous()  # (B, k + k_aux'), may repeat
+        N = W_enc.shape[0]
+        needs_x, needs_W, needs_b = ctx.needs_input_grad[:3]
         grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = gather_combine(grad_pre, ids, W_enc)  # (B, d_in)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_W, grad_b = scatter_outer(
-                grad_pre, ids, x, W_enc.shape[0], with_bias=ctx.needs_input_grad[2]
-            )  # (num_latents, d_in), (num_latents,)
-            grad_W = grad_W.to(W_enc.dtype) if ctx.needs_input_grad[1] else None
-            grad_b = grad_b.to(W_enc.dtype) if grad_b is not None else None
+        if needs_b:
+            grad_b = torch.zeros(N, device=x.device)  # fp32
+        # Main and aux selections apart: the aux ones name few distinct (dead) latents, which
+        # the CPU path handles densely (see sparse_ops.compact_rows).
+        groups = [
+            (grad, values, ids)
+            for grad, values, ids in ((grad_acts, acts, indices), (grad_aux, aux_acts, aux_indices))
+            if grad is not None and ids.shape[1]
+        ]
+        for grad, values, ids in groups:
+            # relu: the gradient of the pre-activation passes only where the value is > 0.
+            grad_pre = (grad * (values > 0)).to(x.dtype).contiguous()  # (B, k)
+            compact = compact_rows(ids, N)
+            if needs_x:  # two groups: sum them in fp32, round once
+                part = gather_combine(grad_pre, ids, W_enc, compact, fp32_out=len(groups) > 1)
+                grad_x = part if grad_x is None else grad_x.add_(part)  # (B, d_in)
+            if needs_W or needs_b:
+                grad_W = scatter_outer(grad_pre, ids, x, N, grad_W, grad_b, compact)
+        if grad_x is not None:
+            grad_x = grad_x.to(x.dtype)
+        if grad_W is not None:
+            grad_W = grad_W.to(W_enc.dtype) if needs_W else None  # (num_latents, d_in)
+        if grad_b is not None:
+            grad_b = grad_b.to(W_enc.dtype)  # (num_latents,)
         return grad_x, grad_W, grad_b, None, None, None
 
 

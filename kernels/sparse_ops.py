@@ -12,15 +12,18 @@ With `indices` (B, k) naming k rows of a `table` (num_rows, d) for each of B tok
   and grad W_enc (+ grad b_enc) as a scatter-add of k rows per token.
 
 All accumulate in fp32. The Triton kernels serve CUDA tensors; on CPU the torch path uses
-the fastest ops measured at B=4096, d=576, num_latents=16384, k=32 (benchmarks/bench_kernels.py
---ops): embedding_bag (19 ms fp32 vs 270 ms for gather + bmm), embedding_bag's
-per-sample-weight backward (35 ms vs 280 ms for gather + bmm), and a CSR sparse @ dense
-matmul (32 ms vs 230 ms for index_add_ and 345 ms for a dense scattered matmul).
+the fastest ops measured at B=4096, d=576, num_latents=16384, k=32, fp32, on a 2-core
+AVX-512 Xeon (benchmarks/bench_kernels.py --ops): embedding_bag (19 ms vs 270 ms for
+gather + bmm), embedding_bag's per-sample-weight backward (35 ms vs 280 ms for gather +
+bmm), and a CSR sparse @ dense matmul (32 ms vs 230 ms for index_add_ and 345 ms for a
+dense scattered matmul). When the indices name few distinct rows (AuxK), `compact_rows`
+switches the CPU path to dense matmuls over just those rows.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -145,16 +148,66 @@ def check_rows(name: str, indices: Tensor, coefs: Tensor | None, table: Tensor) 
             raise ValueError(f"{name}: {what} must be contiguous; call .contiguous() first.")
 
 
-def gather_combine(coefs: Tensor, indices: Tensor, table: Tensor) -> Tensor:
-    """out[b] = sum_j coefs[b, j] * table[indices[b, j]], accumulated in fp32. (B, d)."""
+class Compact(NamedTuple):
+    """The few distinct rows a (B, k) index tensor uses, for the dense-over-them CPU path."""
+
+    rows: Tensor
+    """(U,) the distinct rows, ascending."""
+    local: Tensor
+    """(B, k) position of each index in `rows`."""
+
+
+# On CPU a dense matmul runs ~30x more flops per second than these gathers and scatters,
+# so when the indices name few distinct rows (the AuxK latents: k_aux=288 among ~800 dead
+# ones) a dense (B, U) product over just those rows is cheaper than k sparse rows per token.
+DENSE_MAX_ROWS_PER_K = 16
+DENSE_MIN_ENTRIES = 1 << 16  # below this the choice does not matter; keep the sparse path
+
+
+def compact_rows(indices: Tensor, num_rows: int) -> Compact | None:
+    """A `Compact` when the torch path should go dense over the used rows, else None."""
+    B, k = indices.shape
+    if indices.device.type != "cpu" or B * k < DENSE_MIN_ENTRIES or use_triton(indices.device):
+        return None
+    used = torch.bincount(indices.reshape(-1), minlength=num_rows) > 0  # (num_rows,)
+    rows = used.nonzero().squeeze(1)  # (U,)
+    if rows.numel() > DENSE_MAX_ROWS_PER_K * k:
+        return None
+    position = torch.zeros(num_rows, dtype=torch.int64)
+    position[rows] = torch.arange(rows.numel())
+    return Compact(rows, position[indices])
+
+
+def _dense_coefs(coefs: Tensor, compact: Compact) -> Tensor:
+    """(B, U) fp32 matrix with coefs[b, j] summed at column local[b, j]."""
+    dense = torch.zeros(coefs.shape[0], compact.rows.numel(), device=coefs.device)
+    return dense.scatter_add_(1, compact.local, coefs.float())
+
+
+def gather_combine(
+    coefs: Tensor,
+    indices: Tensor,
+    table: Tensor,
+    compact: Compact | None = None,
+    fp32_out: bool = False,
+) -> Tensor:
+    """out[b] = sum_j coefs[b, j] * table[indices[b, j]], accumulated in fp32. (B, d).
+
+    In table's dtype, or fp32 with `fp32_out` (to sum several calls before one rounding).
+    """
     B, k = indices.shape
     d = table.shape[1]
+    out_dtype = torch.float32 if fp32_out else table.dtype
     if B == 0 or k == 0:
-        return table.new_zeros(B, d)
+        return table.new_zeros(B, d, dtype=out_dtype)
+    if compact is not None:
+        return (_dense_coefs(coefs, compact) @ table[compact.rows].float()).to(out_dtype)
     if not use_triton(table.device):
         # Accumulates in fp32 for bf16/fp16 too (checked against an fp32 sum).
+        if fp32_out:
+            coefs, table = coefs.float(), table.float()
         return F.embedding_bag(indices, table, per_sample_weights=coefs, mode="sum")
-    out = torch.empty(B, d, dtype=table.dtype, device=table.device)  # (B, d)
+    out = torch.empty(B, d, dtype=out_dtype, device=table.device)  # (B, d)
     BLOCK_D = _pow2(d, 16, 128)
     grid = (B, triton.cdiv(d, BLOCK_D))
     _gather_combine_kernel[grid](
@@ -163,12 +216,17 @@ def gather_combine(coefs: Tensor, indices: Tensor, table: Tensor) -> Tensor:
     return out
 
 
-def gather_dot(vectors: Tensor, indices: Tensor, table: Tensor) -> Tensor:
+def gather_dot(
+    vectors: Tensor, indices: Tensor, table: Tensor, compact: Compact | None = None
+) -> Tensor:
     """out[b, j] = <vectors[b], table[indices[b, j]]>, accumulated in fp32. (B, k)."""
     B, k = indices.shape
     d = table.shape[1]
     if B == 0 or k == 0:
         return vectors.new_zeros(B, k)
+    if compact is not None:
+        dots = vectors.float() @ table[compact.rows].float().T  # (B, U)
+        return dots.gather(1, compact.local).to(vectors.dtype)
     if not use_triton(table.device):
         # embedding_bag's gradient for per_sample_weights is exactly this dot product.
         offsets = torch.arange(0, B * k, k, device=indices.device)  # (B,)
@@ -187,41 +245,53 @@ def gather_dot(vectors: Tensor, indices: Tensor, table: Tensor) -> Tensor:
 
 
 def scatter_outer(
-    coefs: Tensor, indices: Tensor, vectors: Tensor, num_rows: int, with_bias: bool = False
-) -> tuple[Tensor, Tensor | None]:
-    """grad[indices[b, j]] += coefs[b, j] * vectors[b] into fp32 (num_rows, d) zeros.
+    coefs: Tensor,
+    indices: Tensor,
+    vectors: Tensor,
+    num_rows: int,
+    out: Tensor | None = None,
+    out_bias: Tensor | None = None,
+    compact: Compact | None = None,
+) -> Tensor:
+    """out[indices[b, j]] += coefs[b, j] * vectors[b], and out_bias[indices[b, j]] += coefs[b, j].
 
-    Also returns the bias gradient (num_rows,) fp32 (sum of coefs per row) if `with_bias`.
+    `out`: fp32 (num_rows, d), zeros if None; `out_bias`: an optional fp32 (num_rows,)
+    tensor. Returns `out`.
     """
     B, k = indices.shape
     d = vectors.shape[1]
-    device = vectors.device
+    if out is None and (compact is not None or B * k == 0 or use_triton(vectors.device)):
+        out = torch.zeros(num_rows, d, device=vectors.device)
     if B == 0 or k == 0:
-        zeros_b = torch.zeros(num_rows, device=device) if with_bias else None
-        return torch.zeros(num_rows, d, device=device), zeros_b
+        return out
+    if compact is not None:
+        dense = _dense_coefs(coefs, compact)  # (B, U)
+        out.index_add_(0, compact.rows, dense.T @ vectors.float())
+        if out_bias is not None:
+            out_bias.index_add_(0, compact.rows, dense.sum(0))
+        return out
     flat = indices.reshape(-1)  # (B * k,)
-    if not use_triton(device):
+    if not use_triton(vectors.device):
         # CSR matrix (num_rows, B): row r holds the coefs of the tokens that picked r.
         rows, order = flat.sort()
-        crow = torch.zeros(num_rows + 1, dtype=torch.int64, device=device)
+        crow = torch.zeros(num_rows + 1, dtype=torch.int64, device=vectors.device)
         crow[1:] = torch.bincount(rows, minlength=num_rows).cumsum(0)
         values = coefs.reshape(-1)[order].float()
         with warnings.catch_warnings():  # "sparse CSR support is in beta": we rely on mm only
             warnings.simplefilter("ignore", UserWarning)
             csr = torch.sparse_csr_tensor(crow, order // k, values, (num_rows, B))
-            grad = csr @ vectors.float()  # (num_rows, d)
-        grad_b = None
-        if with_bias:
-            grad_b = torch.zeros(num_rows, device=device).index_add_(
-                0, flat, coefs.reshape(-1).float()
-            )
-        return grad, grad_b
-    grad = torch.zeros(num_rows, d, dtype=torch.float32, device=device)
-    grad_b = torch.zeros(num_rows, dtype=torch.float32, device=device) if with_bias else grad
+            if out is None:  # beta=0 overwrites: skips the zero fill `csr @ v` does first
+                out = torch.empty(num_rows, d, device=vectors.device)  # (num_rows, d)
+                torch.addmm(out, csr, vectors.float(), beta=0, out=out)
+            else:
+                out.addmm_(csr, vectors.float())
+        if out_bias is not None:
+            out_bias.index_add_(0, flat, coefs.reshape(-1).float())
+        return out
     BLOCK_D = _pow2(d, 16, 128)
     grid = (B, triton.cdiv(d, BLOCK_D))
     _scatter_outer_kernel[grid](
-        coefs, indices, vectors, grad, grad_b, k, d,
-        HAS_BIAS=with_bias, BLOCK_K=_pow2(k, 16, 32), BLOCK_D=BLOCK_D,
+        coefs, indices, vectors, out, out if out_bias is None else out_bias, k, d,
+        HAS_BIAS=out_bias is not None, BLOCK_K=_pow2(k, 16, 32), BLOCK_D=BLOCK_D,
     )  # fmt: skip
-    return grad, (grad_b if with_bias else None)
+    return out

@@ -1,14 +1,15 @@
 """Row-wise top-k selection: a grouped torch path for CPU, and Triton helpers for fusion.
 
-CPU: `select_topk` first takes the max of each group of 8 columns (c, c + n/8, ...: a
+CPU: `select_topk` first takes the max of each group of 16 columns (c, c + n/16, ...: a
 vectorised pass), keeps the k groups with the largest maxima (they hold the k largest
 entries: every top-k entry lies in a group whose max is at least the k-th largest value,
-and at most k groups have such a max), then picks the k largest of those 8k candidates.
-At (4096, 16384), k=32 this takes about 65 ms against 105 ms for torch.topk.
+and at most k groups have such a max), then picks the k largest of those 16k candidates.
+On one core, per 512 x 16384 chunk with k=32: 10 ms against 21 ms for torch.topk.
 
 Triton: a (value, column) pair is packed into one int64 key whose integer order is the
 float order (ties broken by the larger column), so `tl.topk` on keys carries the columns
-along; `merge_topk` folds a tile of keys into a running top-KP.
+along; `merge_topk` folds a tile of keys into a running top-KP, and `unpack_keys` (torch)
+reads the kernel's keys back as values and columns.
 """
 
 from __future__ import annotations
@@ -18,23 +19,33 @@ from torch import Tensor
 
 from ._backend import HAS_TRITON
 
-GROUP = 8
+GROUP = 16
 # The smallest key: -inf (bits 0xFF800000, order bits 0x807FFFFF as int32) with column 0.
 NEG_KEY = ((0xFF800000 ^ 0x7FFFFFFF) - (1 << 32)) << 32
 
 
-def select_topk(pre_acts: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k largest entries of each row of a (b, n) tensor, largest first: values, indices."""
+def select_topk(pre_acts: Tensor, k: int, sorted: bool = True) -> tuple[Tensor, Tensor]:
+    """The k largest entries of each row of a (b, n) tensor: values, int64 indices.
+
+    Largest first if `sorted`, else in no particular order.
+    """
     b, n = pre_acts.shape
     if pre_acts.device.type != "cpu" or n % GROUP or 4 * GROUP * k > n or b == 0:
-        return pre_acts.topk(k, dim=1)
+        return pre_acts.topk(k, dim=1, sorted=sorted)
     g = n // GROUP
     group_max = pre_acts.view(b, GROUP, g).amax(1)  # (b, g): max over columns c + g * r
-    groups = group_max.topk(k, dim=1, sorted=False).indices  # (b, k)
+    groups = select_topk(group_max, k, sorted=False)[1]  # (b, k), grouped again if it pays
     offsets = g * torch.arange(GROUP, device=pre_acts.device)  # (GROUP,)
     candidates = (groups.unsqueeze(-1) + offsets).view(b, k * GROUP)  # (b, k * GROUP)
-    values, picked = pre_acts.gather(1, candidates).topk(k, dim=1)  # (b, k)
+    values, picked = pre_acts.gather(1, candidates).topk(k, dim=1, sorted=sorted)  # (b, k)
     return values, candidates.gather(1, picked)
+
+
+def unpack_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 values and int64 columns of int64 keys packed by the Triton `pack_keys`."""
+    ordered = (keys >> 32).to(torch.int32)
+    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)  # negative floats: flip all but the sign
+    return bits.view(torch.float32), keys & 0xFFFFFFFF
 
 
 if HAS_TRITON:
@@ -47,15 +58,6 @@ if HAS_TRITON:
         bits = values.to(tl.int32, bitcast=True)
         ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip all but the sign
         return (ordered.to(tl.int64) << 32) | columns.to(tl.int64)
-
-    @triton.jit
-    def unpack_keys(keys):
-        """The fp32 values and int32 columns packed by `pack_keys`."""
-        high = keys >> 32
-        columns = (keys - (high << 32)).to(tl.int32)
-        ordered = high.to(tl.int32)
-        bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
-        return bits.to(tl.float32, bitcast=True), columns
 
     @triton.jit
     def merge_topk(best, keys, KP: tl.constexpr, BLOCK_N: tl.constexpr):

@@ -1,0 +1,403 @@
+"""The sparse kernels match their torch references, in outputs and gradients, on both backends.
+
+    python -m pytest tests/test_kernels.py -q
+
+The "triton" backend runs on CUDA when there is one, else under Triton's CPU interpreter,
+which needs TRITON_INTERPRET=1 before triton is first imported: this module sets it when it
+is imported first; when something imported triton earlier (lightning does), the triton
+cases rerun in a fresh process instead. Shapes are tiny: the interpreter is slow.
+"""
+
+import os
+import subprocess
+import sys
+
+_TRITON_IMPORTED_EARLY = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import saetrain.kernels.sparse_ops as sparse_ops  # noqa: E402
+from saetrain.kernels import (  # noqa: E402
+    decode,
+    decode_reference,
+    decoder_norm_step,
+    encode_topk,
+    encode_topk_reference,
+    get_backend,
+    normalize_decoder_,
+    normalize_decoder_reference,
+    project_decoder_grad_,
+    project_decoder_grad_reference,
+    set_backend,
+)
+from saetrain.kernels._backend import HAS_TRITON, triton_interpreted, use_triton  # noqa: E402
+from saetrain.kernels.topk import select_topk  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_flatten  # noqa: E402
+
+TRITON_RUNS_HERE = HAS_TRITON and (torch.cuda.is_available() or triton_interpreted())
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-3)}
+# (d_in, num_latents): powers of two, and not.
+SHAPES = {"32x64": (32, 64), "24x100": (24, 100)}
+
+
+@pytest.fixture(params=["torch", "triton"])
+def device(request):
+    """Run the test on one backend; yields the device its tensors go on."""
+    if request.param == "triton" and not TRITON_RUNS_HERE:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1: see the subprocess test")
+    previous = set_backend(request.param)
+    yield torch.device("cuda" if request.param == "triton" and torch.cuda.is_available() else "cpu")
+    set_backend(previous)
+
+
+def close(actual, expected, dtype):
+    torch.testing.assert_close(actual, expected, **TOL[dtype])
+
+
+def make_encoder(d_in, num_latents, dtype, device, seed=0):
+    """x, W_enc (unit-ish rows), b_enc as leaf tensors that require grad."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(7, d_in, generator=gen)
+    W_enc = torch.randn(num_latents, d_in, generator=gen) / d_in**0.5
+    b_enc = 0.1 * torch.randn(num_latents, generator=gen)
+    return [t.to(device, dtype).requires_grad_() for t in (x, W_enc, b_enc)]
+
+
+def grads_of(outputs, inputs, upstream):
+    return torch.autograd.grad(outputs, inputs, upstream, allow_unused=True)
+
+
+def check_decode(acts, indices, W_dec, dtype):
+    """decode vs decode_reference: output, and grads for acts and W_dec."""
+    out, expected = decode(acts, indices, W_dec), decode_reference(acts, indices, W_dec)
+    assert out.dtype == dtype
+    close(out, expected, dtype)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    upstream = upstream.to(out.device, dtype)
+    got, want = grads_of(out, [acts, W_dec], upstream), grads_of(expected, [acts, W_dec], upstream)
+    for g, w in zip(got, want, strict=True):
+        close(g, w, dtype)
+    return out
+
+
+# ---------------------------------------------------------------- decode
+
+
+@pytest.mark.parametrize("k", ["1", "5", "num_latents"])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_decode_matches_the_reference_in_output_and_gradients(device, dtype, shape, k):
+    d_in, num_latents = shape
+    k = num_latents if k == "num_latents" else int(k)
+    gen = torch.Generator().manual_seed(1)
+    # Drawn with replacement: latents repeat across tokens and sometimes within one.
+    indices = torch.randint(0, num_latents, (6, k), generator=gen).to(device)
+    acts = torch.rand(6, k, generator=gen).to(device, dtype).requires_grad_()
+    W_dec = torch.randn(num_latents, d_in, generator=gen).to(device, dtype).requires_grad_()
+    assert check_decode(acts, indices, W_dec, dtype).shape == (6, d_in)
+
+
+def test_decode_adds_up_a_latent_repeated_within_a_token(device):
+    W_dec = torch.randn(10, 12, device=device, requires_grad=True)
+    indices = torch.tensor([[3, 3, 3], [3, 1, 3]], device=device)
+    acts = torch.tensor([[1.0, 2.0, 3.0], [0.5, 1.0, 0.5]], device=device, requires_grad=True)
+    out = decode(acts, indices, W_dec)
+    close(out[0], 6.0 * W_dec[3].detach(), torch.float32)
+    (grad_W,) = torch.autograd.grad(out.sum(), [W_dec])
+    close(grad_W[3], torch.full((12,), 7.0, device=device), torch.float32)
+    close(grad_W[1], torch.full((12,), 1.0, device=device), torch.float32)
+    assert grad_W[[0, 2, 4]].abs().sum() == 0
+
+
+def test_decode_accepts_int32_indices(device):
+    gen = torch.Generator().manual_seed(8)
+    indices = torch.randint(0, 40, (5, 3), generator=gen, dtype=torch.int32).to(device)
+    acts = torch.rand(5, 3, generator=gen).to(device).requires_grad_()
+    W_dec = torch.randn(40, 12, generator=gen).to(device).requires_grad_()
+    check_decode(acts, indices, W_dec, torch.float32)
+
+
+def test_decode_of_an_empty_batch_is_empty_with_zero_gradients(device):
+    W_dec = torch.randn(16, 8, device=device, requires_grad=True)
+    acts = torch.zeros(0, 4, device=device, requires_grad=True)
+    out = decode(acts, torch.zeros(0, 4, dtype=torch.int64, device=device), W_dec)
+    assert out.shape == (0, 8)
+    (grad_W,) = torch.autograd.grad(out.sum(), [W_dec])
+    assert grad_W.shape == (16, 8) and grad_W.abs().sum() == 0
+
+
+def test_decode_dense_path_over_few_distinct_latents_matches_the_reference(monkeypatch):
+    # The CPU torch path goes dense over the used rows when few distinct latents appear
+    # (AuxK): force it at this small size and compare.
+    monkeypatch.setattr(sparse_ops, "DENSE_MIN_ENTRIES", 0)
+    previous = set_backend("torch")
+    try:
+        W_dec = torch.randn(50, 12, requires_grad=True)
+        indices = torch.randint(0, 4, (9, 6))  # 4 distinct latents, k=6: dense pays
+        acts = torch.rand(9, 6, requires_grad=True)
+        assert sparse_ops.compact_rows(indices, 50) is not None
+        check_decode(acts, indices, W_dec, torch.float32)
+    finally:
+        set_backend(previous)
+
+
+# ---------------------------------------------------------------- encode
+
+
+def by_index(acts, indices, aux_acts, aux_indices):
+    """The outputs with each aux row reordered by latent index."""
+    order = aux_indices.argsort(dim=1)
+    return acts, indices, aux_acts.gather(1, order), aux_indices.gather(1, order)
+
+
+def check_encode(x, W_enc, b_enc, k, dead_mask, k_aux, dtype):
+    """encode_topk vs encode_topk_reference: all outputs, and grads through both act sets."""
+    out = encode_topk(x, W_enc, b_enc, k, dead_mask, k_aux)
+    expected = encode_topk_reference(x, W_enc, b_enc, k, dead_mask, k_aux)
+    assert out.latent_acts.dtype == dtype and out.latent_indices.dtype == torch.int64
+    # Aux rows have no set order: compare them sorted by latent index.
+    for got, want in zip(by_index(*out), by_index(*expected), strict=True):
+        assert got.shape == want.shape
+        close(got, want, dtype)
+    # Upstream gradients per (token, latent), so they do not depend on the aux row order.
+    per_latent = torch.randn(x.shape[0], W_enc.shape[0], generator=torch.Generator().manual_seed(2))
+    per_latent = per_latent.to(x.device, dtype)
+
+    def upstream(o):
+        return [per_latent.gather(1, o.latent_indices), per_latent.gather(1, o.aux_indices)]
+
+    inputs = [x, W_enc, b_enc]
+    got = grads_of([out.latent_acts, out.aux_acts], inputs, upstream(out))
+    want = grads_of([expected.latent_acts, expected.aux_acts], inputs, upstream(expected))
+    for g, w in zip(got, want, strict=True):
+        close(g, w, dtype)
+    return out
+
+
+@pytest.mark.parametrize("k", ["1", "5", "num_latents"])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_encode_topk_matches_the_reference_with_auxk(device, dtype, shape, k):
+    d_in, num_latents = shape
+    k = num_latents if k == "num_latents" else int(k)
+    x, W_enc, b_enc = make_encoder(d_in, num_latents, dtype, device)
+    dead_mask = torch.rand(num_latents, generator=torch.Generator().manual_seed(3)) < 0.3
+    out = check_encode(x, W_enc, b_enc, k, dead_mask.to(device), 6, dtype)
+    assert out.aux_indices.shape == (7, 6)
+    assert dead_mask[out.aux_indices.cpu()].all()
+
+
+def test_encode_topk_without_dead_latents_returns_empty_aux(device):
+    x, W_enc, b_enc = make_encoder(24, 100, torch.float32, device)
+    for dead_mask in (None, torch.zeros(100, dtype=torch.bool, device=device)):
+        out = check_encode(x, W_enc, b_enc, 5, dead_mask, 8, torch.float32)
+        assert out.aux_acts.shape == (7, 0) and out.aux_indices.shape == (7, 0)
+
+
+def test_encode_topk_with_every_latent_dead_takes_aux_among_all(device):
+    x, W_enc, b_enc = make_encoder(24, 100, torch.float32, device)
+    dead_mask = torch.ones(100, dtype=torch.bool, device=device)
+    out = check_encode(x, W_enc, b_enc, 5, dead_mask, 8, torch.float32)
+    # Among all latents, the top 8 holds the top 5.
+    assert torch.isin(out.latent_indices, out.aux_indices).all()
+
+
+def test_encode_topk_caps_k_aux_at_the_number_of_dead_latents(device):
+    x, W_enc, b_enc = make_encoder(24, 100, torch.float32, device)
+    dead_mask = torch.zeros(100, dtype=torch.bool, device=device)
+    dead_mask[[3, 50, 97]] = True
+    out = check_encode(x, W_enc, b_enc, 5, dead_mask, 8, torch.float32)
+    assert sorted(out.aux_indices[0].tolist()) == [3, 50, 97]
+
+
+def test_encode_topk_of_an_empty_batch_is_empty(device):
+    _, W_enc, b_enc = make_encoder(24, 100, torch.float32, device)
+    x = torch.zeros(0, 24, device=device, requires_grad=True)
+    out = encode_topk(x, W_enc, b_enc, 5, torch.ones(100, dtype=torch.bool, device=device), 4)
+    assert [tuple(t.shape) for t in out] == [(0, 5), (0, 5), (0, 4), (0, 4)]
+    grad_W = torch.autograd.grad(out.latent_acts.sum(), [W_enc], allow_unused=True)[0]
+    assert grad_W is None or grad_W.abs().sum() == 0
+
+
+@pytest.mark.parametrize("k, k_aux", [(150, 140), (4, 140)], ids=["k-beyond", "k_aux-beyond"])
+def test_encode_topk_beyond_the_fused_kernel_limit_matches_the_reference(device, k, k_aux):
+    # k (or k_aux) padded past MAX_FUSED_K leaves the fused Triton kernel for matmul + topk.
+    x, W_enc, b_enc = make_encoder(16, 300, torch.float32, device)
+    dead_mask = torch.rand(300, generator=torch.Generator().manual_seed(4)) < 0.6
+    check_encode(x, W_enc, b_enc, k, dead_mask.to(device), k_aux, torch.float32)
+
+
+def test_encode_topk_backward_never_builds_a_batch_by_num_latents_tensor():
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                    self.seen.add(tuple(t.shape))
+            return out
+
+    previous = set_backend("torch")
+    try:
+        x, W_enc, b_enc = make_encoder(10, 40, torch.float32, "cpu")  # B=7
+        dead_mask = torch.arange(40) < 20
+        for encode, dense in ((encode_topk_reference, True), (encode_topk, False)):
+            out = encode(x, W_enc, b_enc, 3, dead_mask, 4)
+            loss = out.latent_acts.sum() + out.aux_acts.sum()
+            with Shapes() as shapes:
+                loss.backward()
+            assert ((7, 40) in shapes.seen) == dense, encode.__name__
+    finally:
+        set_backend(previous)
+
+
+def test_encode_dense_aux_path_over_few_dead_latents_matches_the_reference(monkeypatch):
+    monkeypatch.setattr(sparse_ops, "DENSE_MIN_ENTRIES", 0)
+    previous = set_backend("torch")
+    try:
+        x, W_enc, b_enc = make_encoder(24, 100, torch.float32, "cpu")
+        dead_mask = torch.zeros(100, dtype=torch.bool)
+        dead_mask[:6] = True  # 6 dead, k_aux=5: the aux part takes the dense path
+        check_encode(x, W_enc, b_enc, 2, dead_mask, 5, torch.float32)
+    finally:
+        set_backend(previous)
+
+
+def test_grouped_cpu_topk_picks_the_same_entries_as_torch_topk():
+    pre_acts = torch.randn(33, 2048, generator=torch.Generator().manual_seed(5))
+    for k in (1, 2, 32):  # groups twice for k <= 2, once up to k = 2048 / (4 * 16) = 32
+        values, indices = select_topk(pre_acts, k)
+        expected = pre_acts.topk(k, dim=1)
+        assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+
+
+# ---------------------------------------------------------------- decoder norm
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_decoder_norm_step_projects_the_gradient_and_renormalises_rows(device, dtype, shape):
+    d_in, num_latents = shape
+    gen = torch.Generator().manual_seed(6)
+    W_dec = (3 * torch.randn(num_latents, d_in, generator=gen)).to(device, dtype)
+    grad = torch.randn(num_latents, d_in, generator=gen).to(device, dtype)
+    projected = project_decoder_grad_reference(W_dec, grad)
+    normalised = normalize_decoder_reference(W_dec)
+
+    g = grad.clone()
+    assert project_decoder_grad_(W_dec, g) is g
+    close(g, projected, dtype)
+    W = W_dec.clone()
+    assert normalize_decoder_(W) is W
+    close(W, normalised, dtype)
+    W, g = W_dec.clone(), grad.clone()
+    decoder_norm_step(W, g)
+    close(W, normalised, dtype)
+    close(g, projected, dtype)
+    # What the references promise: unit rows, and gradients orthogonal to them.
+    close(W.float().norm(dim=1), torch.ones(num_latents, device=device), dtype)
+    assert (g.float() * W.float()).sum(1).abs().max() < (1e-4 if dtype == torch.float32 else 0.1)
+
+
+def test_decoder_norm_functions_update_a_parameter_in_place():
+    W_dec = torch.nn.Parameter(torch.randn(8, 4))
+    W_dec.grad = torch.randn(8, 4)
+    project_decoder_grad_(W_dec, W_dec.grad)
+    normalize_decoder_(W_dec)
+    close(W_dec.detach().norm(dim=1), torch.ones(8), torch.float32)
+
+
+# ---------------------------------------------------------------- host checks and dispatch
+
+
+def test_host_wrappers_reject_bad_inputs_with_a_clear_message():
+    W = torch.randn(10, 4)
+    idx = torch.zeros(3, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="same \\(B, k\\) shape"):
+        decode(torch.rand(3, 5), idx, W)
+    with pytest.raises(ValueError, match="cast one to the other"):
+        decode(torch.rand(3, 2, dtype=torch.float64), idx, W)
+    with pytest.raises(ValueError, match="int32/int64"):
+        decode(torch.rand(3, 2), idx.float(), W)
+    with pytest.raises(ValueError, match="contiguous"):
+        decode(torch.rand(2, 3).T, idx, W)
+    x, b = torch.randn(3, 4), torch.zeros(10)
+    with pytest.raises(ValueError, match="k must be in \\[1, num_latents=10\\], got 11"):
+        encode_topk(x, W, b, 11)
+    with pytest.raises(ValueError, match="dead_mask must be a \\(10,\\) bool"):
+        encode_topk(x, W, b, 2, torch.ones(10), 2)
+    with pytest.raises(ValueError, match="x must be \\(B, d_in\\)"):
+        encode_topk(torch.randn(3, 5), W, b, 2)
+    with pytest.raises(ValueError, match="grad"):
+        project_decoder_grad_(W, torch.randn(10, 5))
+
+
+def test_backend_is_chosen_by_name_and_rejects_unknown_names():
+    previous = get_backend()
+    try:
+        assert set_backend("auto") == previous
+        assert not use_triton(torch.device("cpu"))  # auto: CPU tensors take the torch path
+        set_backend("torch")
+        assert get_backend() == "torch"
+        with pytest.raises(ValueError, match="choose one of auto, triton, torch"):
+            set_backend("cuda")
+    finally:
+        set_backend(previous)
+
+
+def test_an_unknown_backend_in_the_environment_fails_at_import():
+    env = {**os.environ, "SAETRAIN_KERNELS": "fast"}
+    result = subprocess.run(
+        [sys.executable, "-c", "import saetrain.kernels"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert "SAETRAIN_KERNELS environment variable is 'fast'" in result.stderr
+
+
+def test_kernels_follow_autocast_and_send_fp32_gradients_to_fp32_parameters():
+    x, W_enc, b_enc = make_encoder(24, 100, torch.float32, "cpu")
+    W_dec = torch.randn(100, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = encode_topk(x, W_enc, b_enc, 5)
+        x_hat = decode(out.latent_acts, out.latent_indices, W_dec)
+    assert out.latent_acts.dtype == torch.bfloat16 and x_hat.dtype == torch.bfloat16
+    x_hat.float().pow(2).sum().backward()
+    assert W_enc.grad.dtype == torch.float32 and W_dec.grad.dtype == torch.float32
+    assert x.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(
+    not _TRITON_IMPORTED_EARLY or torch.cuda.is_available(), reason="they run in this process"
+)
+def test_triton_cases_pass_in_a_fresh_interpreter_process():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-k", "triton", "-p", "no:cacheprovider"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:]
+
+
+# ---------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_triton_kernels_match_the_reference_at_training_width_on_gpu(dtype):
+    previous = set_backend("triton")
+    try:
+        x, W_enc, b_enc = make_encoder(576, 4096, dtype, "cuda")
+        dead_mask = torch.rand(4096, device="cuda") < 0.05
+        out = check_encode(x, W_enc, b_enc, 32, dead_mask, 64, dtype)
+        W_dec = W_enc.detach().clone().requires_grad_()
+        check_decode(out.latent_acts.detach().requires_grad_(), out.latent_indices, W_dec, dtype)
+    finally:
+        set_backend(previous)
