@@ -10,6 +10,8 @@ prompts -> generation under hooks -> judge -> rates -> report.
 | ``judge.py`` | refusal judges: keywords, WildGuard, Llama Guard, HarmBench's classifier |
 | ``features.py`` | finding refusal features: response tokens, prompt contrast, steering effect |
 | ``evaluate.py``, ``stats.py``, ``report.py`` | rates with Wilson intervals, fluency, plots, markdown |
+| ``tasks.py``, ``capability.py`` | capability under steering: MMLU/GSM8K/TruthfulQA from local files or the Hub through lm-eval; the ``eval-capability`` command |
+| ``callback.py`` | :class:`SteeringEvalCallback`: loss recovered by the spliced SAE (and refusal under steering) during ``fit`` |
 | ``commands.py`` | the commands ``features``, ``steer`` and ``eval-refusal`` of ``python -m saetrain`` |
 
     import saetrain
@@ -21,6 +23,7 @@ prompts -> generation under hooks -> judge -> rates -> report.
                     interventions=[Intervention([1234], "clamp", 8.0, positions="generated")])
 """  # noqa: E501
 
+from .capability import evaluate_capability
 from .evaluate import EvalSet, Setting, evaluate_refusal
 from .features import find_features, write_table
 from .gate import FeatureGate, GateCalibration, ProbeGate, calibrate, choose_threshold, fit_probe
@@ -38,8 +41,10 @@ from .judge import (
 )
 from .prompts import PromptRecord, PromptSet, load_prompts
 from .stats import wilson_interval
+from .tasks import CapabilityData, resolve_tasks
 
 __all__ = [
+    "CapabilityData",
     "EvalSet",
     "FeatureGate",
     "GateCalibration",
@@ -59,6 +64,7 @@ __all__ = [
     "calibrate",
     "choose_threshold",
     "edit",
+    "evaluate_capability",
     "evaluate_refusal",
     "find_features",
     "fit_probe",
@@ -67,6 +73,7 @@ __all__ = [
     "load_prompts",
     "make_judge",
     "reply_loss",
+    "resolve_tasks",
     "steer",
     "wilson_interval",
     "write_table",
@@ -91,5 +98,12 @@ def run_steer(argv: list[str]) -> None:
 def run_eval_refusal(argv: list[str]) -> None:
     """``python -m saetrain eval-refusal``."""
     from .commands import run_eval_refusal as run
+
+    run(argv)
+
+
+def run_eval_capability(argv: list[str]) -> None:
+    """``python -m saetrain eval-capability``."""
+    from .capability import run_eval_capability as run
 
     run(argv)
