@@ -14,6 +14,7 @@ from saetrain.data.activations import (
     MassiveActivationFilter,
     pack_documents,
     shuffle_batches,
+    shuffle_documents,
 )
 from saetrain.data.lm import (
     LMLoadError,
@@ -152,3 +153,12 @@ def test_shuffle_buffer_is_reproducible_with_a_seed():
 
     for a, b in zip(run(1), run(1), strict=True):
         assert torch.equal(a, b)
+
+
+def test_document_shuffle_keeps_every_document_and_mixes_their_order():
+    docs = [f"doc {i}" for i in range(100)]
+    out = list(shuffle_documents(iter(docs), 20, torch.Generator().manual_seed(0)))
+    assert sorted(out) == sorted(docs)
+    assert out != docs
+    # Bounded: a document can come out at most buffer_size places early.
+    assert all(out.index(f"doc {i}") >= i - 20 for i in range(100))

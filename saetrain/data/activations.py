@@ -57,6 +57,27 @@ def pack_documents(
         yield from flush(texts)
 
 
+def shuffle_documents(
+    docs: Iterable[str], buffer_size: int, generator: torch.Generator
+) -> Iterator[str]:
+    """Yield ``docs`` in a locally shuffled order using a buffer of ``buffer_size`` documents.
+
+    Files are often ordered by topic or source; the activation shuffle buffer only mixes tokens
+    of the few hundred documents it holds, so mixing documents first widens what one stretch of
+    training sees. Each incoming document replaces a random one in the buffer, which is yielded.
+    """
+    buf: list[str] = []
+    for doc in docs:
+        if len(buf) < buffer_size:
+            buf.append(doc)
+            continue
+        i = int(torch.randint(len(buf), (1,), generator=generator))
+        buf[i], doc = doc, buf[i]
+        yield doc
+    order = torch.randperm(len(buf), generator=generator).tolist()
+    yield from (buf[i] for i in order)
+
+
 class MassiveActivationFilter:
     """Drops tokens whose activation norm is above ``multiple`` times the running median norm.
 

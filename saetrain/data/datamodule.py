@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from .activations import ActivationProducer, pack_documents, shuffle_batches
+from .activations import ActivationProducer, pack_documents, shuffle_batches, shuffle_documents
 from .lm import check_layer, hidden_size, load_lm, load_lm_config, num_layers, pick_dtype
 from .sources import TextSource, iter_documents
 
@@ -53,7 +53,9 @@ class ActivationDataModule(L.LightningDataModule):
         val_documents: Documents at the start of the source held out for validation (never
             trained on); 0 disables validation.
         val_tokens: At most this many held-out activations are used for validation.
-        seed: Seed of the shuffle buffer.
+        document_buffer: Shuffle training documents in a buffer of this many before
+            tokenizing (0 keeps the source's order).
+        seed: Seed of the shuffle buffers.
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class ActivationDataModule(L.LightningDataModule):
         outlier_multiple: float | None = 10.0,
         val_documents: int = 0,
         val_tokens: int = 65536,
+        document_buffer: int = 0,
         seed: int = 0,
     ):
         super().__init__()
@@ -88,6 +91,8 @@ class ActivationDataModule(L.LightningDataModule):
                 f"data.buffer_size={buffer_size} must be at least 2 * data.batch_size "
                 f"({2 * batch_size}): raise buffer_size or lower batch_size"
             )
+        if document_buffer < 0:
+            raise ValueError(f"data.document_buffer must be >= 0, got {document_buffer}")
         if outlier_multiple is not None and outlier_multiple <= 1:
             raise ValueError(f"data.outlier_multiple must be > 1 or null, got {outlier_multiple}")
         self.save_hyperparameters(ignore=["source"])
@@ -161,8 +166,11 @@ class ActivationDataModule(L.LightningDataModule):
 
     def _train_iter(self) -> Iterator[torch.Tensor]:
         assert self.producer is not None, "call setup() first"
-        sequences = pack_documents(self.documents("train"), self.tokenizer, self.hparams.ctx_len)
         generator = torch.Generator().manual_seed(self.hparams.seed)
+        docs = self.documents("train")
+        if self.hparams.document_buffer:
+            docs = shuffle_documents(docs, self.hparams.document_buffer, generator)
+        sequences = pack_documents(docs, self.tokenizer, self.hparams.ctx_len)
         produced = 0
         for batch in shuffle_batches(
             self.producer(sequences),
