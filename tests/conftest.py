@@ -41,3 +41,17 @@ def chat_jsonl(tmp_path_factory) -> Path:
                 msgs.append({"role": "assistant", "content": random_sentence(rng)})
             f.write(json.dumps({"messages": msgs}) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def sae_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A random tiny SAE (32 -> 64, k=4) for layer 1 of the tiny model, saved in our format."""
+    import torch
+
+    from saetrain import SAE, SAEConfig
+
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=32, num_latents=64, k=4))
+    return sae.save(
+        tmp_path_factory.mktemp("sae") / "tiny", {"model": str(tiny_model_dir), "layer": 1}
+    )

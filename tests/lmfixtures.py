@@ -84,3 +84,11 @@ def make_model(arch: str, vocab_size: int, num_layers: int = 3, width: int = 32)
 
 def random_sentence(rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + "."
+
+
+def error_line(capsys) -> str:
+    """The last line a CLI command printed to stderr, checking it printed no traceback."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "no error printed"
+    assert not any("Traceback" in line for line in err)
+    return err[-1]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lmfixtures import error_line
 
 from saetrain import SAE, SAEConfig
 from saetrain.cli import main
@@ -73,21 +74,6 @@ def data(tmp_path_factory) -> CapabilityData:
         gsm8k=str(root / "gsm8k.jsonl"),
         truthfulqa=str(root / "truthfulqa.csv"),
     )
-
-
-@pytest.fixture(scope="module")
-def sae_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    sae = SAE(SAEConfig(d_in=32, num_latents=64, k=4))
-    return sae.save(
-        tmp_path_factory.mktemp("sae") / "tiny", {"model": str(tiny_model_dir), "layer": 1}
-    )
-
-
-def error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and not any("Traceback" in line for line in err)
-    return err[-1]
 
 
 def test_local_files_become_tasks_with_same_subject_shots_and_held_out_gsm8k_examples(data):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lmfixtures import error_line
 
 from saetrain import load_sae
 from saetrain.cli import main
@@ -32,13 +33,6 @@ def fit_args(model_dir, data, out_dir, *extra) -> list[str]:
         str(out_dir),
         *extra,
     ]
-
-
-def error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err, "no error printed"
-    assert not any("Traceback" in line for line in err)
-    return err[-1]
 
 
 @pytest.fixture(scope="module")

@@ -7,29 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+from lmfixtures import error_line
 
-from saetrain import SAE, SAEConfig
 from saetrain.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "steering").glob("*.yaml"))
 FAST = ["--max_new_tokens", "3", "--batch_size", "4"]
-
-
-@pytest.fixture(scope="module")
-def sae_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    sae = SAE(SAEConfig(d_in=32, num_latents=64, k=4))
-    return sae.save(
-        tmp_path_factory.mktemp("sae") / "tiny", {"model": str(tiny_model_dir), "layer": 1}
-    )
-
-
-def error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and not any("Traceback" in line for line in err)
-    return err[-1]
 
 
 def test_steer_prints_baseline_and_steered_replies_side_by_side(sae_dir, capsys):
