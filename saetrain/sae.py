@@ -172,14 +172,7 @@ class SAE(nn.Module):
         Returns ``(latent_acts, latent_indices)``, both (B, k); with ``dead_mask`` (num_latents,)
         also the AuxK selection ``(aux_acts, aux_indices)`` among dead latents.
         """
-        out = kernels.encode_topk(
-            self._scaled(x) - self.b_dec,
-            self.W_enc,
-            self.b_enc,
-            self.cfg.k,
-            dead_mask=dead_mask,
-            k_aux=self.cfg.k_aux if dead_mask is not None else 0,
-        )
+        out = self._topk(self._scaled(x), dead_mask)
         if dead_mask is None:
             return out.latent_acts, out.latent_indices
         return out.latent_acts, out.latent_indices, out.aux_acts, out.aux_indices
@@ -192,6 +185,17 @@ class SAE(nn.Module):
     def _scaled(self, x: Tensor) -> Tensor:
         return x.to(self.dtype) * self.input_scale
 
+    def _topk(self, xs: Tensor, dead_mask: Tensor | None) -> kernels.EncodeOutput:
+        """Top-k (and, with ``dead_mask``, AuxK) selection for already scaled inputs ``xs``."""
+        return kernels.encode_topk(
+            xs - self.b_dec,
+            self.W_enc,
+            self.b_enc,
+            self.cfg.k,
+            dead_mask=dead_mask,
+            k_aux=self.cfg.k_aux if dead_mask is not None else 0,
+        )
+
     def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
         """Encode, decode and compute the losses for raw activations ``x`` (B, d_in).
 
@@ -200,14 +204,7 @@ class SAE(nn.Module):
         to the input scale.
         """
         xs = self._scaled(x)  # (B, d)
-        enc = kernels.encode_topk(
-            xs - self.b_dec,
-            self.W_enc,
-            self.b_enc,
-            self.cfg.k,
-            dead_mask=dead_mask,
-            k_aux=self.cfg.k_aux if dead_mask is not None else 0,
-        )
+        enc = self._topk(xs, dead_mask)
         xs_hat = kernels.decode(enc.latent_acts, enc.latent_indices, self.W_dec) + self.b_dec
         total_variance = (xs - xs.mean(0)).pow(2).sum().float().clamp_min(1e-12)
         err = xs - xs_hat  # (B, d)

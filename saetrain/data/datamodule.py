@@ -17,7 +17,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .activations import ActivationProducer, pack_documents, shuffle_batches, shuffle_documents
-from .lm import check_layer, hidden_size, load_lm, load_lm_config, num_layers, pick_dtype
+from .lm import (
+    check_layer,
+    check_layer_index,
+    hidden_size,
+    load_lm,
+    load_lm_config,
+    num_layers,
+    pick_dtype,
+)
 from .sources import TextSource, iter_documents
 
 log = logging.getLogger(__name__)
@@ -111,12 +119,8 @@ class ActivationDataModule(L.LightningDataModule):
         if self._d_in is None:
             config = load_lm_config(self.model_name)
             n_layers = num_layers(config)
-            if n_layers is not None and self.layer >= n_layers:
-                raise ValueError(
-                    f"layer {self.layer} does not exist: {self.model_name} has {n_layers} decoder "
-                    f"layers, so choose a layer from 0 to {n_layers - 1} "
-                    f"(the middle one is {n_layers // 2})"
-                )
+            if n_layers is not None:  # checked before any weights are loaded
+                check_layer_index(self.layer, n_layers, self.model_name)
             self._d_in = hidden_size(config)
         return self._d_in
 

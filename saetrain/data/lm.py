@@ -67,11 +67,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def check_layer(model: nn.Module, layer: int) -> None:
-    n = len(decoder_layers(model))
-    if not 0 <= layer < n:
+    check_layer_index(layer, len(decoder_layers(model)), type(model).__name__)
+
+
+def check_layer_index(layer: int, n_layers: int, model_name: str) -> None:
+    """Refuse a layer index outside 0..n_layers-1, naming the valid range."""
+    if not 0 <= layer < n_layers:
         raise ValueError(
-            f"layer {layer} does not exist: {type(model).__name__} has {n} decoder layers, "
-            f"so choose a layer from 0 to {n - 1} (the middle one is {n // 2})"
+            f"layer {layer} does not exist: {model_name} has {n_layers} decoder layers, "
+            f"so choose a layer from 0 to {n_layers - 1} (the middle one is {n_layers // 2})"
         )
 
 
