@@ -2,6 +2,8 @@
 
     python benchmarks/bench_kernels.py                 # d_in=576, 16384 latents, k=32, B=4096
     python benchmarks/bench_kernels.py --ops           # also time the torch alternatives per op
+    python benchmarks/bench_kernels.py --parts         # encoder and decoder alone, sparse vs dense
+    python benchmarks/bench_kernels.py --d-in 3072 --num-latents 24576 --dtypes bf16 --parts
     SAETRAIN_KERNELS=torch python benchmarks/bench_kernels.py --dtypes fp32
 
 Three rows per dtype (fp32, and bf16 autocast with fp32 parameters):
@@ -32,6 +34,7 @@ from saetrain.kernels import (
     normalize_decoder_,
     project_decoder_grad_,
 )
+from saetrain.kernels import encode as encode_module
 
 
 def make_sae(d_in: int, num_latents: int, device: str) -> dict[str, torch.nn.Parameter]:
@@ -75,6 +78,15 @@ def kernel_step(p, x, k, dead_mask, k_aux):
     if out.aux_indices.shape[1]:
         e_hat = decode(out.aux_acts, out.aux_indices, p["W_dec"])
     return losses(x, x_hat, e_hat, x_hat - x)
+
+
+def unfused_kernel_step(p, x, k, dead_mask, k_aux):
+    """kernel_step with cuBLAS's matmul + torch.topk in place of the fused encoder (CUDA)."""
+    encode_module.FUSE_ON_CUDA = False
+    try:
+        return kernel_step(p, x, k, dead_mask, k_aux)
+    finally:
+        encode_module.FUSE_ON_CUDA = True
 
 
 def make_train_step(forward, p, opt, x, k, dead_mask, k_aux, autocast_dtype, sparse_norm):
@@ -135,10 +147,11 @@ def bench_steps(args, dtype_name: str) -> None:
                 F.linear(x, p_floor["W_enc"], p_floor["b_enc"])
 
     fns["floor: encoder matmul"] = floor
-    for name, forward, sparse in (
-        ("dense autograd step", dense_step, False),
-        ("kernel step", kernel_step, True),
-    ):
+    steps = [("dense autograd step", dense_step, False), ("kernel step", kernel_step, True)]
+    if x.device.type == "cuda" and get_backend() != "torch":
+        steps[1] = ("kernel step (fused)", kernel_step, True)
+        steps.append(("kernel step (matmul+topk)", unfused_kernel_step, True))
+    for name, forward, sparse in steps:
         p = make_sae(d_in, N, args.device)
         opt = torch.optim.Adam(p.values(), lr=1e-4, fused=True)
         fns[name] = make_train_step(
@@ -152,7 +165,7 @@ def bench_steps(args, dtype_name: str) -> None:
     )
     for name, t in times.items():
         speed = f"{B / t:10.0f} tok/s  {floor_time / t:6.2f} x floor speed"
-        print(f"  {name:24s} {t * 1e3:8.1f} ms  {speed}")
+        print(f"  {name:26s} {t * 1e3:8.2f} ms  {speed}")
 
 
 def op_alternatives(B: int, D: int, N: int, k: int, dtype: torch.dtype) -> dict:
@@ -217,6 +230,106 @@ def bench_ops(args) -> None:
             print(f"  {name:40s} {t * 1e3:8.1f} ms")
 
 
+def bench_parts(args, dtype_name: str) -> None:
+    """The encoder and the decoder alone, forward + backward: ours vs dense torch.
+
+    Encoder rows: the fused matmul + top-k kernel (CUDA) and cuBLAS + torch.topk, each with
+    its sparse backward, against dense autograd (F.linear, topk, dense scatter). Decoder
+    rows: the sparse decode against a dense (B, num_latents) latents @ W_dec, forward and
+    backward (grads for the latent values and W_dec).
+    """
+    torch.manual_seed(0)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    B, d_in, N, k = args.batch, args.d_in, args.num_latents, args.k
+    dev = args.device
+    x = torch.randn(B, d_in, device=dev, dtype=dtype, requires_grad=True)
+    p = {name: t.detach().to(dtype).requires_grad_() for name, t in make_sae(d_in, N, dev).items()}
+    W_enc, b_enc, W_dec = p["W_enc"], p["b_enc"], p["W_dec"]
+    with torch.no_grad():
+        pre = F.linear(x, W_enc, b_enc)
+        acts, idx = pre.topk(k, dim=-1)
+    acts = acts.relu().detach().requires_grad_()
+    grad_out = torch.randn(B, d_in, device=dev, dtype=dtype)
+    grad_acts = torch.randn(B, k, device=dev, dtype=dtype)
+
+    def enc_dense():
+        pre_acts = F.linear(x, W_enc, b_enc)
+        values, _ = pre_acts.topk(k, dim=-1)
+        values.relu().backward(grad_acts)
+
+    def enc_ours(fused):
+        def run():
+            encode_module.FUSE_ON_CUDA = fused
+            out = encode_topk(x, W_enc, b_enc, k)
+            out.latent_acts.backward(grad_acts)
+
+        return run
+
+    def dec_dense():
+        latents = torch.zeros(B, N, device=dev, dtype=dtype).scatter(1, idx, acts)
+        (latents @ W_dec).backward(grad_out)
+
+    def dec_ours():
+        decode(acts, idx, W_dec).backward(grad_out)
+
+    def floor():
+        with torch.no_grad():
+            F.linear(x, W_enc, b_enc)
+
+    fns = {"floor: encoder matmul": floor, "encoder fwd+bwd: dense": enc_dense}
+    if dev == "cuda" and get_backend() != "torch":
+        fns["encoder fwd+bwd: fused"] = enc_ours(True)
+    fns["encoder fwd+bwd: matmul+topk"] = enc_ours(False)
+    fns["decoder fwd+bwd: dense"] = dec_dense
+    fns["decoder fwd+bwd: sparse"] = dec_ours
+    try:
+        times = best_times(fns, args.rounds)
+    finally:
+        encode_module.FUSE_ON_CUDA = True
+    print(f"\nparts, {dtype_name} (B={B}, d_in={d_in}, num_latents={N}, k={k})")
+    for name, t in times.items():
+        print(f"  {name:30s} {t * 1e3:8.2f} ms  {B / t:12.0f} tok/s")
+    ratio = times["decoder fwd+bwd: dense"] / times["decoder fwd+bwd: sparse"]
+    print(f"  decoder: sparse is {ratio:.1f}x faster than dense")
+    if "encoder fwd+bwd: fused" in times:
+        ratio = times["encoder fwd+bwd: matmul+topk"] / times["encoder fwd+bwd: fused"]
+        print(f"  encoder: fused is {ratio:.2f}x the speed of matmul+topk")
+        if args.sweep:
+            sweep_fused(x, W_enc, b_enc, k, args.rounds)
+
+
+def sweep_fused(x, W_enc, b_enc, k, rounds) -> None:
+    """Forward time of the fused encoder over tile sizes (BLOCK_B, BLOCK_N, BLOCK_D, warps)."""
+    with torch.no_grad():
+        want = F.linear(x, W_enc, b_enc).float().topk(k, dim=1).values.relu()
+    fns = {}
+    for blocks in [
+        (32, 64, 32, 4), (32, 64, 32, 8), (64, 64, 32, 8), (64, 64, 64, 8),
+        (64, 128, 32, 8), (128, 64, 32, 8), (64, 128, 64, 8), (128, 128, 32, 8),
+    ]:  # fmt: skip
+
+        def run(blocks=blocks):
+            encode_module.FUSED_BLOCKS = blocks
+            with torch.no_grad():
+                return encode_topk(x, W_enc, b_enc, k)
+
+        fns[str(blocks)] = run
+    times = {}
+    for name, fn in fns.items():
+        try:
+            got = fn().latent_acts.float()
+            tol = 1e-2 if x.dtype != torch.float32 else 1e-4
+            if not torch.allclose(got, want, rtol=tol, atol=tol):
+                print(f"  fused {name}: WRONG top-k values, max err {(got - want).abs().max()}")
+                continue
+            times.update(best_times({name: fn}, rounds))
+        except Exception as err:  # a config that does not compile (shared memory, registers)
+            print(f"  fused {name}: failed ({type(err).__name__}: {str(err)[:80]})")
+    encode_module.FUSED_BLOCKS = None
+    for name, t in sorted(times.items(), key=lambda item: item[1]):
+        print(f"  fused forward {name:22s} {t * 1e3:8.2f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4096)
@@ -230,13 +343,19 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0: default")
     parser.add_argument("--ops", action="store_true", help="also time torch alternatives per op")
+    parser.add_argument("--parts", action="store_true", help="also time encoder/decoder alone")
+    parser.add_argument("--sweep", action="store_true", help="with --parts: fused tile sizes")
+    parser.add_argument("--no-steps", action="store_true", help="skip the whole-step rows")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     print(f"saetrain.kernels backend={get_backend()} device={args.device} threads={threads}")
     for dtype_name in args.dtypes.split(","):
-        bench_steps(args, dtype_name)
+        if not args.no_steps:
+            bench_steps(args, dtype_name)
+        if args.parts:
+            bench_parts(args, dtype_name)
     if args.ops:
         bench_ops(args)
 

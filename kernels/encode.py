@@ -88,6 +88,13 @@ if HAS_TRITON:
 # Fuse the selection into the matmul when the running top-k fits in registers beside the
 # tile; larger k (or k_aux) use the matmul plus torch.topk.
 MAX_FUSED_K = 128
+# On CUDA: True runs the fused matmul + selection kernel, False cuBLAS's matmul (the full
+# (B, num_latents) pre-activations in memory) then torch.topk. benchmarks/bench_kernels.py
+# --encoder times both; the default follows that measurement (see the module docstring).
+FUSE_ON_CUDA = True
+# (BLOCK_B, BLOCK_N, BLOCK_D, num_warps) for the fused kernel on CUDA; None: chosen by
+# `_fused_blocks`. For benchmarks sweeping the tile sizes.
+FUSED_BLOCKS: tuple[int, int, int, int] | None = None
 # Rows of pre-activations per chunk on CPU: 512 x 16384 fp32 is 32 MiB, in L3 for the
 # group-max pass of the selection, and the full (B, num_latents) is never held at once.
 CPU_CHUNK_ROWS = 512
@@ -164,25 +171,33 @@ def _encode_torch(x, W_enc, b_enc, k, dead_mask, k_aux) -> EncodeOutput:
     return EncodeOutput(acts, indices, aux_acts, aux_indices)
 
 
+def _fused_blocks(KP: int, KAP: int, dtype: torch.dtype, interpreted: bool):
+    """(BLOCK_B, BLOCK_N, BLOCK_D, num_warps) of the fused kernel for these widths."""
+    if interpreted:
+        return 16, max(16, KP, KAP), 32, 4
+    if FUSED_BLOCKS is not None:
+        BLOCK_B, BLOCK_N, BLOCK_D, num_warps = FUSED_BLOCKS
+        return BLOCK_B, max(BLOCK_N, KP, KAP), BLOCK_D, num_warps
+    # Sizes that compile without register spills for sm_90 (ptxas, num_warps=8).
+    width = KP + KAP
+    if dtype != torch.float32:
+        BLOCK_B = 64 if width <= 33 else 32 if width <= 160 else 16
+    else:
+        BLOCK_B = 32 if width <= 129 else 16
+    return BLOCK_B, max(64, KP, KAP), 32, 8
+
+
 def _encode_triton(x, W_enc, b_enc, k, dead_mask, k_aux) -> EncodeOutput:
     """The fused kernel when k (and k_aux) are small enough, else matmul + torch.topk."""
     B, D = x.shape
     N = W_enc.shape[0]
     KP, KAP = _pow2(k, 1, 1 << 30), _pow2(k_aux, 1, 1 << 30)
-    if KP > MAX_FUSED_K:
+    interpreted = x.device.type != "cuda"
+    if KP > MAX_FUSED_K or not (FUSE_ON_CUDA or interpreted):
         return _encode_torch(x, W_enc, b_enc, k, dead_mask, k_aux)
     fuse_aux = 0 < k_aux and KAP <= MAX_FUSED_K
     KAP = KAP if fuse_aux else 1
-    interpreted = x.device.type != "cuda"
-    # Sizes that compile without register spills for sm_90 (ptxas, num_warps=8); untimed.
-    width, half = KP + KAP, x.dtype != torch.float32
-    if interpreted:
-        BLOCK_B = 16
-    elif half:
-        BLOCK_B = 64 if width <= 33 else 32 if width <= 160 else 16
-    else:
-        BLOCK_B = 32 if width <= 129 else 16
-    BLOCK_N, BLOCK_D = max(16 if interpreted else 64, KP, KAP), 32
+    BLOCK_B, BLOCK_N, BLOCK_D, num_warps = _fused_blocks(KP, KAP, x.dtype, interpreted)
     row_blocks, tiles = triton.cdiv(B, BLOCK_B), triton.cdiv(N, BLOCK_N)
     if interpreted:
         splits = min(2, tiles)  # still exercises the merge across splits
@@ -199,7 +214,7 @@ def _encode_triton(x, W_enc, b_enc, k, dead_mask, k_aux) -> EncodeOutput:
         B, N, D, tiles_per_split,
         KP=KP, KAP=KAP, HAS_AUX=fuse_aux, NEG=NEG_KEY,
         PRECISION="ieee" if exact else "tf32", UPCAST=interpreted,
-        BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=8,
+        BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=num_warps,
     )  # fmt: skip
     # The best k of the splits' candidates: keys sort like (value, column), largest first.
     values, indices = unpack_keys(keys.topk(k, dim=1).values)  # (B, k)

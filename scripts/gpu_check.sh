@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 4 in one run, for a lent CUDA machine (see the device notes):
+# correctness of the Triton kernels at training sizes, then the benchmarks.
+#
+#   OUT=/tmp/gpu bash scripts/gpu_check.sh      # the log lands in $OUT/gpu_check.log
+#
+# It needs torch and triton with a CUDA GPU, nothing else installed: saetrain runs from the
+# checkout (saetrain.kernels is linked to kernels/ as the installed package maps it).
+set -u
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[ -e saetrain/kernels ] || ln -s ../kernels saetrain/kernels
+bench="python3 benchmarks/bench_kernels.py --rounds 5"
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+    echo "== GPU correctness: training-size batch, whole training step"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "gpu or training_step"
+    echo "== d_in=3072, num_latents=24576, k=32, B=4096 (the issue's GPU target)"
+    timeout 170 $bench --d-in 3072 --num-latents 24576 --dtypes bf16 --parts --sweep
+    timeout 100 $bench --d-in 3072 --num-latents 24576 --dtypes fp32 --parts
+    echo "== d_in=576, num_latents=16384, k=32, B=4096 (the CPU benchmark's shape)"
+    timeout 60 $bench --dtypes fp32,bf16 --parts
+    echo "== every kernel test on CUDA"
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
+} 2>&1 | tee "$OUT/gpu_check.log"
