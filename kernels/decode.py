@@ -42,8 +42,13 @@ class DecodeFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             # k rows of W_dec per token, scatter-added in fp32.
             grad_W_dec = scatter_outer(
-                latent_acts, latent_indices, grad_out, W_dec.shape[0], compact=ctx.compact
-            ).to(W_dec.dtype)  # (num_latents, d_in)
+                latent_acts,
+                latent_indices,
+                grad_out,
+                W_dec.shape[0],
+                compact=ctx.compact,
+                dtype=W_dec.dtype,
+            )  # (num_latents, d_in)
         return grad_acts, None, grad_W_dec
 
 

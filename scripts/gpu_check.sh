@@ -3,6 +3,7 @@
 # correctness of the Triton kernels at training sizes, then the benchmarks.
 #
 #   OUT=/tmp/gpu bash scripts/gpu_check.sh      # the log lands in $OUT/gpu_check.log
+#   SWEEP=1 OUT=/tmp/gpu bash scripts/gpu_check.sh   # also sweep the fused encoder's tiles
 #
 # It needs torch and triton with a CUDA GPU, nothing else installed: saetrain runs from the
 # checkout (saetrain.kernels is linked to kernels/ as the installed package maps it).
@@ -18,8 +19,10 @@ bench="python3 benchmarks/bench_kernels.py --rounds 5"
     echo "== GPU correctness: training-size batch, whole training step"
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "gpu or training_step"
     echo "== d_in=3072, num_latents=24576, k=32, B=4096 (the issue's GPU target)"
-    timeout 170 $bench --d-in 3072 --num-latents 24576 --dtypes bf16 --parts --sweep
+    timeout 170 $bench --d-in 3072 --num-latents 24576 --dtypes bf16 --parts ${SWEEP:+--sweep}
     timeout 100 $bench --d-in 3072 --num-latents 24576 --dtypes fp32 --parts
+    echo "== the same at B=16384"
+    timeout 100 $bench --d-in 3072 --num-latents 24576 --dtypes bf16 --batch 16384
     echo "== d_in=576, num_latents=16384, k=32, B=4096 (the CPU benchmark's shape)"
     timeout 60 $bench --dtypes fp32,bf16 --parts
     echo "== every kernel test on CUDA"
