@@ -158,6 +158,8 @@ def bench_steps(args, dtype_name: str) -> None:
             forward, p, opt, x, args.k, dead_mask, k_aux, autocast_dtype, sparse
         )
     times = best_times(fns, args.rounds)
+    if args.profile:
+        profile(fns, args.profile)
     floor_time = times["floor: encoder matmul"]
     print(
         f"\n{dtype_name} (B={B}, d_in={d_in}, num_latents={N}, k={args.k}, k_aux={k_aux}, "
@@ -228,6 +230,27 @@ def bench_ops(args) -> None:
         print(f"\nops, {dtype} (B={B}, d={D}, num_latents={N}, k={k})")
         for name, t in best_times(ops, max(1, args.rounds - 1)).items():
             print(f"  {name:40s} {t * 1e3:8.1f} ms")
+
+
+def profile(fns: dict, top: int) -> None:
+    """The `top` ops by self device (or CPU) time over three calls of each step fn."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    for name, fn in fns.items():
+        if "step" not in name:
+            continue
+        with torch_profile(activities=activities) as prof:
+            for _ in range(3):
+                fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        print(f"\nprofile of {name!r} (3 steps), top {top} by self time:")
+        print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))
 
 
 def bench_parts(args, dtype_name: str) -> None:
@@ -346,6 +369,7 @@ def main() -> None:
     parser.add_argument("--parts", action="store_true", help="also time encoder/decoder alone")
     parser.add_argument("--sweep", action="store_true", help="with --parts: fused tile sizes")
     parser.add_argument("--no-steps", action="store_true", help="skip the whole-step rows")
+    parser.add_argument("--profile", type=int, default=0, help="profile steps: top N ops")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

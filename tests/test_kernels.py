@@ -450,7 +450,11 @@ def test_triton_cases_pass_in_a_fresh_interpreter_process():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_triton_kernels_match_the_reference_at_training_width_on_gpu(dtype):
+def test_triton_kernels_match_the_reference_at_training_width_on_gpu(dtype, monkeypatch):
+    # The fused encoder selects on fp32 pre-activations, as the reference does, so even in
+    # bf16 it picks the same latents (cuBLAS + topk selects on bf16-rounded ones: see the
+    # next test).
+    monkeypatch.setattr(encode_module, "FUSE_ON_CUDA", True)
     previous = set_backend("triton")
     try:
         x, W_enc, b_enc = make_encoder(576, 4096, dtype, "cuda")
@@ -470,7 +474,10 @@ def test_kernels_at_a_training_batch_on_gpu(dtype, fused, monkeypatch):
     # A real batch: 2048 tokens x 16384 latents, so the atomics of the scatter collide and
     # the encoder splits the latents across many programs. Near-ties may pick a different
     # latent than the reference, so selections are checked by value and the backward passes
-    # against dense products built from the kernels' own selection.
+    # against dense products built from the kernels' own selection. Sums over up to 2048
+    # tokens in another order: fp32 gets atol 1e-4.
+    tol = dict(rtol=2e-2, atol=2e-3) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    monkeypatch.setitem(TOL, torch.float32, tol)
     monkeypatch.setattr(encode_module, "FUSE_ON_CUDA", fused)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     previous = set_backend("triton")
