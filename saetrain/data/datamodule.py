@@ -168,16 +168,21 @@ class ActivationDataModule(L.LightningDataModule):
             return itertools.islice(docs, n_val)
         return itertools.islice(docs, n_val, None)
 
-    def _train_iter(self) -> Iterator[torch.Tensor]:
+    def train_chunks(self, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        """Training activations in stream order, one (N_i, d_in) chunk per LM batch, before
+        the activation shuffle: documents (after the held-out ones, through the document
+        shuffle buffer when set) -> packed sequences -> LM -> kept activations."""
         assert self.producer is not None, "call setup() first"
-        generator = torch.Generator().manual_seed(self.hparams.seed)
         docs = self.documents("train")
         if self.hparams.document_buffer:
             docs = shuffle_documents(docs, self.hparams.document_buffer, generator)
-        sequences = pack_documents(docs, self.tokenizer, self.hparams.ctx_len)
+        return self.producer(pack_documents(docs, self.tokenizer, self.hparams.ctx_len))
+
+    def _train_iter(self) -> Iterator[torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.hparams.seed)
         produced = 0
         for batch in shuffle_batches(
-            self.producer(sequences),
+            self.train_chunks(generator),
             batch_size=self.hparams.batch_size,
             buffer_size=self.hparams.buffer_size,
             generator=generator,
