@@ -13,13 +13,16 @@ import argparse
 import logging
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .data.datamodule import ActivationDataModule
 from .module import SAEModule
@@ -53,6 +56,43 @@ class ExportSAE(Callback):
         path = pl_module.sae.save(self.run_dir, metadata=meta)
         log.info("exported the SAE to %s", path)
         print(f"saetrain: exported the SAE to {path}", file=sys.stderr)
+
+
+class SaveOnSigterm(Callback):
+    """On SIGTERM (what cluster schedulers send before a kill), save ``last.ckpt`` at the end of
+    the current step; Lightning then stops the run and ``main`` exits with status 143."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.received_sigterm:
+            trainer.save_checkpoint(self.path)  # every rank takes part; rank 0 writes
+            if trainer.is_global_zero:
+                print(
+                    f"saetrain: SIGTERM at step {trainer.global_step}: saved {self.path}; resume "
+                    f"with --ckpt_path {self.path}",
+                    file=sys.stderr,
+                )
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Refuse a missing, corrupt or truncated checkpoint in one line, before any work."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--ckpt_path {path} does not exist: give a .ckpt file of an earlier run")
+    bad = not zipfile.is_zipfile(path)
+    if not bad:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip() is not None  # reads every entry, checks its CRC
+        except (zipfile.BadZipFile, OSError, EOFError):
+            bad = True
+    if bad:
+        raise UserError(
+            f"--ckpt_path {path} is corrupt or truncated (not a whole torch checkpoint): resume "
+            f"from another checkpoint in {path.parent}"
+        )
 
 
 class LogDataStats(Callback):
@@ -105,6 +145,32 @@ class SAETrainCLI(LightningCLI):
         )
         parser.link_arguments("data.d_in", "model.d_in", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` before Lightning reads it, and refuse a changed SAE shape.
+
+        On resume Lightning replaces the model settings with the checkpoint's, which would
+        silently drop a changed ``--model.k``; a changed shape is refused instead, and other
+        changed model settings are named in a warning."""
+        if not self.config.get("subcommand"):
+            return super()._parse_ckpt_path()
+        sub = self.config[self.config.subcommand]
+        if sub.get("ckpt_path") and sub.ckpt_path not in ("last", "best", "hpc"):
+            check_checkpoint(sub.ckpt_path)
+            saved = torch.load(sub.ckpt_path, weights_only=True, map_location="cpu")
+            saved = saved.get("hyper_parameters", {})
+            asked = sub.model
+            for name in ("num_latents", "expansion_factor", "k"):
+                if name in saved and asked.get(name) != saved[name]:
+                    raise UserError(
+                        f"the checkpoint's SAE has {name}={saved[name]} but this run asks for "
+                        f"{name}={asked.get(name)}: resume with the same model settings, or start "
+                        "a new run"
+                    )
+            changed = [n for n in saved if n in asked and n != "d_in" and asked[n] != saved[n]]
+            if changed:
+                log.warning("resuming with the checkpoint's model settings; ignoring %s", changed)
+        super()._parse_ckpt_path()
+
     def _sub(self) -> Any:
         return self.config[self.subcommand] if self.subcommand else self.config
 
@@ -141,6 +207,7 @@ class SAETrainCLI(LightningCLI):
                 )
             )
             callbacks.append(ExportSAE(run_dir))
+            callbacks.append(SaveOnSigterm(run_dir / "lightning" / "last.ckpt"))
             callbacks.append(LogDataStats())
         kwargs["callbacks"] = callbacks
         kwargs.setdefault("default_root_dir", str(run_dir))
@@ -153,12 +220,14 @@ class SAETrainCLI(LightningCLI):
 
 def run_lightning(args: list[str]) -> None:
     """``fit`` / ``validate`` through :class:`SAETrainCLI`."""
-    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when both it and `args` are set
+    # LightningCLI reads sys.argv[1:], and multi-process launchers start each rank with
+    # `python -m saetrain` + sys.argv[1:]: so the arguments go there, whoever called us.
+    argv, sys.argv = sys.argv, [sys.argv[0], *args]
     try:
         SAETrainCLI(
             SAEModule,
             ActivationDataModule,
-            args=args,
+            args=None,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False},
             trainer_defaults={"enable_model_summary": False},
@@ -174,6 +243,7 @@ Train Top-k sparse autoencoders on language-model activations.
 commands:
   fit        train an SAE (python -m saetrain fit --config recipes/quickstart.yaml)
   validate   measure a checkpoint on held-out activations (--ckpt_path ...)
+  cache      write a recipe's activations to sharded files on disk (--config RECIPE --out DIR)
   export     write an SAE as saetrain, SAELens or sparsify files (--ckpt PATH --format F --out DIR)
   features   rank SAE latents as refusal features (--sae DIR; writes features.json/.txt)
   steer      answer one prompt with and without steering, side by side (--sae DIR --features [ID])
@@ -188,6 +258,7 @@ COMMANDS = {
     "validate": run_lightning,
     # Imported on use, so `fit` does not load the interop code and `export` does not need it.
     "export": lambda args: __import__("saetrain.interop", fromlist=["_"]).export_main(args),
+    "cache": lambda a: __import__("saetrain.data.cache", fromlist=["_"]).run_cache(a),
     # Steering (issue #5), imported on use like `export`.
     "features": lambda a: __import__("saetrain.steering", fromlist=["_"]).run_features(a),
     "steer": lambda a: __import__("saetrain.steering", fromlist=["_"]).run_steer(a),
@@ -214,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError, FileNotFoundError, OSError, argparse.ArgumentError) as e:
         print(f"saetrain {command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except SIGTERMException:  # SaveOnSigterm saved the run first
+        print(f"saetrain {command}: stopped by SIGTERM", file=sys.stderr)
+        return 143
     except SystemExit as e:  # --help and --print_config exit through argparse
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except KeyboardInterrupt:

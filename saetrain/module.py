@@ -8,10 +8,13 @@ counters are buffers, so they are saved in and restored from checkpoints.
 from __future__ import annotations
 
 import math
+import random
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.regression import ExplainedVariance
@@ -146,15 +149,22 @@ class SAEModule(L.LightningModule):
         assert self.sae is not None
         if not bool(self.sae.initialized):
             self.sae.init_from_data(batch)
+            self._sync_init()
         dead = self.dead_mask
         out = self.sae(batch, dead_mask=dead)
         loss = out.fvu + self.hparams.auxk_coef * out.auxk_loss
         with torch.no_grad():
             fired = torch.zeros_like(dead)
             fired[out.latent_indices.flatten()[out.latent_acts.flatten() > 0]] = True
-            self.tokens_since_fired += batch.shape[0]
+            tokens = batch.shape[0]
+            if self._distributed():  # a latent fired if it fired on any rank
+                fired = fired.to(torch.uint8)
+                dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+                fired = fired.bool()
+                tokens *= dist.get_world_size()  # every rank trains on batch_size tokens
+            self.tokens_since_fired += tokens
             self.tokens_since_fired[fired] = 0
-            self.tokens_seen += batch.shape[0]
+            self.tokens_seen += tokens
             l0 = (out.latent_acts > 0).sum(-1).float().mean()
         self.train_metrics["fvu"](out.fvu.detach())
         self.train_metrics["l0"](l0)
@@ -165,6 +175,70 @@ class SAEModule(L.LightningModule):
         self.log("train/tokens_seen", self.tokens_seen.float())
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
+
+    # ---------------------------------------------------------------- several processes
+
+    @staticmethod
+    def _distributed() -> bool:
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def _sync_init(self) -> None:
+        """Average the data-dependent init over ranks, so all start from the same SAE."""
+        if self._distributed():
+            for t in (self.sae.input_scale, self.sae.b_dec.data):
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+                t /= dist.get_world_size()
+
+    def on_train_end(self) -> None:
+        """Check that every rank holds the same dead-latent counters (they are all-reduced)."""
+        if self._distributed():
+            counters = torch.cat([self.tokens_since_fired, self.tokens_seen.view(1)])
+            first = counters.clone()
+            dist.broadcast(first, src=0)
+            if not torch.equal(first, counters):
+                raise RuntimeError(
+                    f"rank {dist.get_rank()}'s dead-latent counters differ from rank 0's"
+                )
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Save the random generators too (Lightning does not), for an exact resume.
+
+        As tensors and plain values, so the checkpoint still loads with weights_only=True."""
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of another SAE shape in one line; restore the generators."""
+        saved = checkpoint.get("hyper_parameters", {})
+        now = self.sae_config
+        saved_latents = saved.get("num_latents") or saved.get("expansion_factor", 0) * (
+            saved.get("d_in") or 0
+        )
+        for name, old, new in (
+            ("d_in", saved.get("d_in"), now.d_in),
+            ("num_latents", saved_latents, now.num_latents),
+            ("k", saved.get("k"), now.k),
+        ):
+            if old is not None and old != new:
+                raise ValueError(
+                    f"the checkpoint's SAE has {name}={old} but this run's has {name}={new}: "
+                    "resume with the same model settings, or start a new run"
+                )
+        rng = checkpoint.get("rng_states")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            random.setstate(rng["python"])
+            name, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.sae.remove_parallel_grad()
@@ -183,10 +257,16 @@ class SAEModule(L.LightningModule):
         self.val_fired[out.latent_indices[out.latent_acts > 0]] = True
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/fvu", self.val_fvu.compute(), prog_bar=True)
-        self.log("val/l0", self.val_l0.compute())
-        self.log("val/explained_variance", self.val_ev.compute())
-        self.log("val/unfired_fraction", 1 - self.val_fired.float().mean())
+        # The metrics' compute() already reduces their states across ranks (the same value
+        # on each: sync_dist only silences Lightning's warning); the fired mask is OR-ed here.
+        if self._distributed():
+            fired = self.val_fired.to(torch.uint8)
+            dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+            self.val_fired.copy_(fired.bool())
+        self.log("val/fvu", self.val_fvu.compute(), prog_bar=True, sync_dist=True)
+        self.log("val/l0", self.val_l0.compute(), sync_dist=True)
+        self.log("val/explained_variance", self.val_ev.compute(), sync_dist=True)
+        self.log("val/unfired_fraction", 1 - self.val_fired.float().mean(), sync_dist=True)
         for m in (self.val_fvu, self.val_l0, self.val_ev):
             m.reset()
         self.val_fired.zero_()

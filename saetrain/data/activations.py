@@ -29,18 +29,11 @@ def pack_documents(
     with EOS, so packed sequences mark document boundaries with special tokens (which are later
     excluded from the activations). The tail shorter than ``ctx_len`` at the end is dropped.
     """
-    bos, eos = tokenizer.bos_token, tokenizer.eos_token_id
     pending: list[int] = []
 
     def flush(texts: list[str]) -> Iterator[Tensor]:
         nonlocal pending
-        enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        for text, ids in zip(texts, enc, strict=True):
-            if bos is not None and not text.startswith(bos) and tokenizer.bos_token_id is not None:
-                pending.append(tokenizer.bos_token_id)
-            pending.extend(ids)
-            if eos is not None and (not ids or ids[-1] != eos):
-                pending.append(eos)
+        pending.extend(document_tokens(texts, tokenizer))
         n_full = len(pending) // ctx_len
         if n_full:
             block = torch.tensor(pending[: n_full * ctx_len], dtype=torch.long)
@@ -55,6 +48,21 @@ def pack_documents(
             texts = []
     if texts:
         yield from flush(texts)
+
+
+def document_tokens(texts: list[str], tokenizer) -> list[int]:
+    """Token ids of ``texts`` back to back, each with BOS first (unless the text starts with
+    it, as chat-templated text does) and EOS last: the document boundaries of a packed stream."""
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token_id
+    tokens: list[int] = []
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    for text, ids in zip(texts, encoded, strict=True):
+        if bos is not None and not text.startswith(bos) and tokenizer.bos_token_id is not None:
+            tokens.append(tokenizer.bos_token_id)
+        tokens.extend(ids)
+        if eos is not None and (not ids or ids[-1] != eos):
+            tokens.append(eos)
+    return tokens
 
 
 def shuffle_documents(

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from .activations import ActivationProducer, pack_documents, shuffle_batches, shuffle_documents
+from .activations import ActivationProducer, pack_documents
 from .lm import (
     check_layer,
     check_layer_index,
@@ -27,6 +27,7 @@ from .lm import (
     pick_dtype,
 )
 from .sources import TextSource, iter_documents
+from .stream import TrainStream
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,9 @@ class ActivationDataModule(L.LightningDataModule):
         self.producer: ActivationProducer | None = None
         self._val_batches: list[torch.Tensor] | None = None
         self._d_in: int | None = None
+        self.rank, self.world_size = 0, 1
+        self._stream: TrainStream | None = None
+        self._resume: dict | None = None  # a checkpoint's data state, used by the next stream
 
     @property
     def d_in(self) -> int:
@@ -132,19 +136,25 @@ class ActivationDataModule(L.LightningDataModule):
         if self.lm is not None:
             return
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        if self.trainer is not None:  # each rank streams every world_size-th document
+            self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
         dtype = pick_dtype(self.hparams.lm_dtype, device)
         log.info("loading %s on %s in %s", self.model_name, device, dtype)
         self.lm, self.tokenizer = load_lm(self.model_name, dtype=dtype, device=device)
         check_layer(self.lm, self.layer)
-        self.producer = ActivationProducer(
+        self.producer = self._new_producer()
+
+    def _new_producer(self) -> ActivationProducer:
+        hp = self.hparams
+        return ActivationProducer(
             self.lm,
             self.tokenizer,
             self.layer,
-            ctx_len=self.hparams.ctx_len,
-            lm_batch_size=self.hparams.lm_batch_size,
-            exclude_special_tokens=self.hparams.exclude_special_tokens,
-            exclude_first_position=self.hparams.exclude_first_position,
-            outlier_multiple=self.hparams.outlier_multiple,
+            ctx_len=hp.ctx_len,
+            lm_batch_size=hp.lm_batch_size,
+            exclude_special_tokens=hp.exclude_special_tokens,
+            exclude_first_position=hp.exclude_first_position,
+            outlier_multiple=hp.outlier_multiple,
         )
 
     def metadata(self) -> dict:
@@ -162,31 +172,53 @@ class ActivationDataModule(L.LightningDataModule):
         }
 
     def documents(self, split: Literal["train", "val"]) -> Iterator[str]:
+        """Held-out documents (the first ``val_documents``, the same on every rank), or all
+        the training documents after them."""
         docs = iter_documents(self.source, self.tokenizer)
         n_val = self.hparams.val_documents
         if split == "val":
             return itertools.islice(docs, n_val)
         return itertools.islice(docs, n_val, None)
 
-    def train_chunks(self, generator: torch.Generator) -> Iterator[torch.Tensor]:
-        """Training activations in stream order, one (N_i, d_in) chunk per LM batch, before
-        the activation shuffle: documents (after the held-out ones, through the document
-        shuffle buffer when set) -> packed sequences -> LM -> kept activations."""
+    def rank_documents(self, skip: int = 0, start: int = 0) -> Iterator[str]:
+        """This rank's training documents: number i (from ``start``) when i % world_size ==
+        rank, so ranks never share one and together miss none; the first ``skip`` passed."""
+        docs = itertools.islice(self.documents("train"), start, None)
+        mine = itertools.islice(docs, self.rank, None, self.world_size)
+        return itertools.islice(mine, skip, None)
+
+    def make_stream(self) -> TrainStream:
+        """A fresh training stream of this rank (see :class:`~saetrain.data.stream.TrainStream`)."""
         assert self.producer is not None, "call setup() first"
-        docs = self.documents("train")
-        if self.hparams.document_buffer:
-            docs = shuffle_documents(docs, self.hparams.document_buffer, generator)
-        return self.producer(pack_documents(docs, self.tokenizer, self.hparams.ctx_len))
+        hp = self.hparams
+        start = self._resume_start()
+        return TrainStream(
+            lambda skip: self.rank_documents(skip, start),
+            self.tokenizer,
+            self.producer,
+            ctx_len=hp.ctx_len,
+            batch_size=hp.batch_size,
+            buffer_size=hp.buffer_size,
+            document_buffer=hp.document_buffer,
+            seed=hp.seed + self.rank,
+        )
+
+    def train_chunks(self) -> Iterator[torch.Tensor]:
+        """Training activations in stream order, one (N_i, d_in) chunk per LM batch, before
+        the activation shuffle: this rank's documents (after the held-out ones, through the
+        document shuffle buffer when set) -> packed sequences -> LM -> kept activations."""
+        stream = self.make_stream()
+        while (chunk := stream.next_chunk()) is not None:
+            yield chunk
 
     def _train_iter(self) -> Iterator[torch.Tensor]:
-        generator = torch.Generator().manual_seed(self.hparams.seed)
+        stream = self.make_stream()
+        if self._resume is not None and self._resume["world_size"] == self.world_size:
+            stream.load_state_dict(self._resume["streams"][self.rank])
+        self._resume = None
+        self._stream = stream
         produced = 0
-        for batch in shuffle_batches(
-            self.train_chunks(generator),
-            batch_size=self.hparams.batch_size,
-            buffer_size=self.hparams.buffer_size,
-            generator=generator,
-        ):
+        for batch in stream:
             produced += 1
             yield batch
         if produced == 0:
@@ -197,13 +229,71 @@ class ActivationDataModule(L.LightningDataModule):
                 "batch_size"
             )
 
+    # ---------------------------------------------------------------- checkpoint state
+
+    def state_dict(self) -> dict:
+        """The training stream's position on every rank (Lightning saves it in checkpoints)."""
+        if self._stream is None:
+            return {}
+        consumed = None
+        if self.trainer is not None:  # batches trained on; the loader fetches ahead
+            consumed = self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
+        state = self._stream.state_dict(consumed)
+        states = [state]
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            states = [None] * self.world_size
+            torch.distributed.all_gather_object(states, state)
+        return {
+            "model": self.model_name,
+            "layer": self.layer,
+            "world_size": self.world_size,
+            "streams": states,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume the stream where a checkpoint left it (exactly, for the same world size)."""
+        if not state:
+            return
+        for what, saved, now in (
+            ("model", state["model"], self.model_name),
+            ("layer", state["layer"], self.layer),
+        ):
+            if saved != now:
+                raise ValueError(
+                    f"the checkpoint was trained on {what} {saved!r} but data.{what} is {now!r}: "
+                    f"resume with the same {what}, or start a new run"
+                )
+        self._resume = state
+        if state["world_size"] != self.world_size:
+            lost = sum(
+                s["buffer"].shape[0] if s["buffer"] is not None else 0 for s in state["streams"]
+            )
+            log.warning(
+                "resuming a %d-process run with %d processes: the weights, optimizer and "
+                "counters are exact, but the data position is not: each old rank's shuffle "
+                "buffers (%d activations in all) are dropped and documents are re-sharded from "
+                "the earliest position any rank had reached, so some are seen twice",
+                state["world_size"],
+                self.world_size,
+                lost,
+            )
+
+    def _resume_start(self) -> int:
+        """First training document to stream when resuming with another world size."""
+        state = self._resume
+        if state is None or state["world_size"] == self.world_size:
+            return 0
+        return min(s["docs_read"] for s in state["streams"]) * state["world_size"]
+
     def val_batches(self) -> list[torch.Tensor]:
         """Held-out activations, computed once and kept in memory."""
         if self._val_batches is None:
             assert self.producer is not None, "call setup() first"
             seqs = pack_documents(self.documents("val"), self.tokenizer, self.hparams.ctx_len)
             acts, total = [], 0
-            for chunk in self.producer(seqs):
+            # Its own producer: the training stream's outlier filter (part of the resumable
+            # state) must not see held-out tokens.
+            for chunk in self._new_producer()(seqs):
                 acts.append(chunk)
                 total += chunk.shape[0]
                 if total >= self.hparams.val_tokens:
@@ -223,4 +313,6 @@ class ActivationDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.hparams.val_documents == 0:
             return []
-        return DataLoader(self.val_batches(), batch_size=None, num_workers=0)
+        # Ranks split the held-out batches; the metrics are reduced across them.
+        mine = self.val_batches()[self.rank :: self.world_size]
+        return DataLoader(mine, batch_size=None, num_workers=0)

@@ -1,0 +1,44 @@
+"""Fault injection for the resume tests, loaded by a training subprocess through
+``--trainer.callbacks+=killers.KillMidWrite`` (tests/ is on its PYTHONPATH)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from fsspec.implementations.local import LocalFileOpener
+from lightning.pytorch.callbacks import Callback
+
+
+class KillMidWrite(Callback):
+    """SIGKILLs the process halfway through writing checkpoint file number ``at`` (counting
+    every file saved: each periodic save writes ``stepN.ckpt`` and then ``last.ckpt``, so the
+    default 4 is ``last.ckpt`` of the second save, overwriting the first one's)."""
+
+    def __init__(self, at: int = 4):
+        self.at = at
+        self.saves = 0
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.saves += 1
+        if self.saves != self.at:
+            return
+        write = LocalFileOpener.write
+
+        def half_then_die(opener, data):
+            write(opener, data[: len(data) // 2])
+            opener.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        LocalFileOpener.write = half_then_die
+
+
+class Slow(Callback):
+    """Sleeps after each step, so a tiny run lasts long enough to be killed mid-way."""
+
+    def __init__(self, seconds: float = 0.05):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        time.sleep(self.seconds)

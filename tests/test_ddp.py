@@ -1,0 +1,73 @@
+"""Two-process DDP on CPU (gloo), through ``python -m saetrain fit`` as a user runs it: it
+trains, each rank streams its own documents, the ranks agree on the dead-latent counters,
+and a run killed mid-way resumes to the same weights as one that never stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from test_resume import final_weights, fit_command, run_env
+
+DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "40"]
+
+
+def ddp_run(model_dir, data, out, name, *extra) -> subprocess.CompletedProcess:
+    cmd = fit_command(model_dir, data, out, name, *DDP, *extra)
+    return subprocess.run(cmd, env=run_env(), capture_output=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ddp_whole(tiny_model_dir, chat_jsonl, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    done = ddp_run(tiny_model_dir, chat_jsonl, out, "whole")
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    return out / "whole"
+
+
+def test_two_processes_train_on_disjoint_shards_and_agree_on_the_counters(ddp_whole):
+    # Training ends with a check that every rank's counters equal rank 0's (SAEModule.
+    # on_train_end): exit status 0 says they agreed.
+    import json
+
+    extra = json.loads((ddp_whole / "cfg.json").read_text())["extra"]
+    assert extra["steps"] == 40 and extra["tokens_seen"] == 40 * 128 * 2
+    ckpt = torch.load(ddp_whole / "lightning" / "last.ckpt", weights_only=False)
+    streams = ckpt["ActivationDataModule"]["streams"]
+    assert len(streams) == 2 and all(s["docs_read"] > 0 for s in streams)
+    # Interleaved shards: rank r reads documents r, r + 2, ...: about the same count each.
+    assert abs(streams[0]["docs_read"] - streams[1]["docs_read"]) <= 1
+
+
+def test_a_killed_two_process_run_resumes_to_the_same_weights(
+    ddp_whole, tiny_model_dir, chat_jsonl, tmp_path
+):
+    run = tmp_path / "killed"
+    cmd = fit_command(tiny_model_dir, chat_jsonl, tmp_path, "killed", *DDP)
+    cmd += ["--trainer.callbacks+=killers.Slow"]
+    # Its own process group: a kill takes every rank at once, as a scheduler's does.
+    proc = subprocess.Popen(
+        cmd,
+        env=run_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    while not (run / "lightning" / "step10.ckpt").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (run / "sae.safetensors").exists(), "the run ended before it could be killed"
+    ckpt = run / "lightning" / "last.ckpt"
+    done = ddp_run(tiny_model_dir, chat_jsonl, tmp_path, "killed", "--ckpt_path", str(ckpt))
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    want, got = final_weights(ddp_whole), final_weights(run)
+    assert all(torch.equal(got[name], want[name]) for name in want)
