@@ -406,3 +406,41 @@ def test_the_cache_command_refuses_a_bad_recipe_or_a_used_folder(
     assert "has no `data:` section" in error_line(capsys)
     assert main(["cache", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml does not exist" in error_line(capsys)
+
+
+# ---------------------------------------------------------------- fit from the cache
+
+
+def fit_args(model_dir, data, out_dir, run_name, *extra) -> list[str]:
+    recipe = str(ROOT / "recipes" / "tiny.yaml")
+    data_args = ["--data.model", str(model_dir), "--data.source.path", str(data)]
+    run = ["--out_dir", str(out_dir), "--run_name", run_name]
+    return ["fit", "--config", recipe, *data_args, *run, *extra]
+
+
+def test_fit_from_the_cache_trains_the_same_weights_as_fit_live(
+    tiny_model_dir, chat_jsonl, tmp_path
+):
+    # One shard: the reader's shard order is then the file order, and its shuffle is the
+    # live stream's (same seed), so the two runs see the same batches and validation data.
+    cache = tmp_path / "one-shard"
+    assert main(cache_args(tiny_model_dir, chat_jsonl, "--out", str(cache))) == 0
+    assert len(load_manifest(cache)["shards"]) == 1
+    assert main(fit_args(tiny_model_dir, chat_jsonl, tmp_path, "live")) == 0
+    assert (
+        main(fit_args(tiny_model_dir, chat_jsonl, tmp_path, "cached", "--data.cache", str(cache)))
+        == 0
+    )
+    live, cached = (load_file(tmp_path / run / "sae.safetensors") for run in ("live", "cached"))
+    assert live.keys() == cached.keys()
+    assert all(torch.equal(live[name], cached[name]) for name in live)
+    extra = json.loads((tmp_path / "cached" / "cfg.json").read_text())["extra"]
+    assert extra["cache"] == str(cache) and extra["layer"] == 1 and "val_fvu" in extra
+
+
+def test_fit_refuses_a_cache_of_another_layer_in_one_line(
+    tiny_cache, tiny_model_dir, chat_jsonl, tmp_path, capsys
+):
+    args = fit_args(tiny_model_dir, chat_jsonl, tmp_path, "x", "--data.cache", str(tiny_cache))
+    assert main(args + ["--data.layer", "0"]) == 2
+    assert "layer" in error_line(capsys)

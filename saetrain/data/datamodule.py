@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .activations import ActivationProducer, pack_documents
+from .cache import CacheReader, check_cache_matches, load_manifest
 from .lm import (
     check_layer,
     check_layer_index,
@@ -64,7 +65,10 @@ class ActivationDataModule(L.LightningDataModule):
         val_tokens: At most this many held-out activations are used for validation.
         document_buffer: Shuffle training documents in a buffer of this many before
             tokenizing (0 keeps the source's order).
-        seed: Seed of the shuffle buffers.
+        seed: Seed of the shuffle buffers (rank r uses seed + r).
+        cache: Read activations from this folder, written by ``python -m saetrain cache``,
+            instead of running the LM (it must come from the same model and layer); the
+            held-out activations come from the cache too.
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class ActivationDataModule(L.LightningDataModule):
         val_tokens: int = 65536,
         document_buffer: int = 0,
         seed: int = 0,
+        cache: str | None = None,
     ):
         super().__init__()
         for name, value in (
@@ -114,7 +119,8 @@ class ActivationDataModule(L.LightningDataModule):
         self._val_batches: list[torch.Tensor] | None = None
         self._d_in: int | None = None
         self.rank, self.world_size = 0, 1
-        self._stream: TrainStream | None = None
+        self._stream: TrainStream | CacheReader | None = None
+        self.manifest: dict | None = None  # the cache's, when reading one
         self._resume: dict | None = None  # a checkpoint's data state, used by the next stream
 
     @property
@@ -133,11 +139,17 @@ class ActivationDataModule(L.LightningDataModule):
         return f"layers.{self.layer}"
 
     def setup(self, stage: str | None = None) -> None:
-        if self.lm is not None:
+        if self.lm is not None or self.manifest is not None:
             return
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         if self.trainer is not None:  # each rank streams every world_size-th document
             self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
+        if self.hparams.cache:  # no LM at all: the activations are on disk
+            self.manifest = load_manifest(self.hparams.cache)
+            check_cache_matches(
+                self.manifest, model=self.model_name, layer=self.layer, d_in=self.d_in
+            )
+            return
         dtype = pick_dtype(self.hparams.lm_dtype, device)
         log.info("loading %s on %s in %s", self.model_name, device, dtype)
         self.lm, self.tokenizer = load_lm(self.model_name, dtype=dtype, device=device)
@@ -159,6 +171,9 @@ class ActivationDataModule(L.LightningDataModule):
 
     def metadata(self) -> dict:
         """Where the activations come from, for the exported ``cfg.json``."""
+        if self.manifest is not None:
+            keep = ("model", "hookpoint", "layer", "ctx_len", "lm_dtype", "data")
+            return {**{k: self.manifest.get(k) for k in keep}, "cache": self.hparams.cache}
         return {
             "model": self.model_name,
             "hookpoint": self.hookpoint,
@@ -211,8 +226,23 @@ class ActivationDataModule(L.LightningDataModule):
         while (chunk := stream.next_chunk()) is not None:
             yield chunk
 
+    def make_reader(self) -> CacheReader:
+        """This rank's reader of the activation cache (its shards, shuffled)."""
+        hp = self.hparams
+        return CacheReader(
+            hp.cache,
+            batch_size=hp.batch_size,
+            buffer_size=hp.buffer_size,
+            seed=hp.seed + self.rank,
+            shard_index=self.rank,
+            num_shards=self.world_size,
+        )
+
     def _train_iter(self) -> Iterator[torch.Tensor]:
-        stream = self.make_stream()
+        if self.manifest is not None:  # one reader across epochs: each is shuffled anew
+            stream = self._stream if self._stream is not None else self.make_reader()
+        else:
+            stream = self.make_stream()
         if self._resume is not None and self._resume["world_size"] == self.world_size:
             stream.load_state_dict(self._resume["streams"][self.rank])
         self._resume = None
@@ -246,6 +276,7 @@ class ActivationDataModule(L.LightningDataModule):
         return {
             "model": self.model_name,
             "layer": self.layer,
+            "kind": "cache" if self.manifest is not None else "live",
             "world_size": self.world_size,
             "streams": states,
         }
@@ -263,8 +294,21 @@ class ActivationDataModule(L.LightningDataModule):
                     f"the checkpoint was trained on {what} {saved!r} but data.{what} is {now!r}: "
                     f"resume with the same {what}, or start a new run"
                 )
+        kind = "cache" if self.hparams.cache else "live"
+        if state.get("kind", "live") != kind:
+            raise ValueError(
+                f"the checkpoint read {state.get('kind', 'live')} activations but this run reads "
+                f"{kind} ones (data.cache={self.hparams.cache!r}): resume the way it was trained"
+            )
         self._resume = state
-        if state["world_size"] != self.world_size:
+        if state["world_size"] != self.world_size and kind == "cache":
+            log.warning(
+                "resuming a %d-process run with %d processes: the cache is read from a new "
+                "epoch's start, so the data position is not kept",
+                state["world_size"],
+                self.world_size,
+            )
+        elif state["world_size"] != self.world_size:
             lost = sum(
                 s["buffer"].shape[0] if s["buffer"] is not None else 0 for s in state["streams"]
             )
@@ -281,12 +325,21 @@ class ActivationDataModule(L.LightningDataModule):
     def _resume_start(self) -> int:
         """First training document to stream when resuming with another world size."""
         state = self._resume
-        if state is None or state["world_size"] == self.world_size:
+        same_world = state is not None and state["world_size"] == self.world_size
+        if state is None or same_world or state.get("kind") == "cache":
             return 0
         return min(s["docs_read"] for s in state["streams"]) * state["world_size"]
 
     def val_batches(self) -> list[torch.Tensor]:
         """Held-out activations, computed once and kept in memory."""
+        if self._val_batches is None and self.manifest is not None:
+            val = self.make_reader().val() if self.manifest.get("val_file") else None
+            if val is None:
+                raise ValueError(
+                    f"the cache {self.hparams.cache} holds no validation activations: set "
+                    "data.val_documents to 0, or write the cache with val_documents > 0"
+                )
+            self._val_batches = list(val[: self.hparams.val_tokens].split(self.hparams.batch_size))
         if self._val_batches is None:
             assert self.producer is not None, "call setup() first"
             seqs = pack_documents(self.documents("val"), self.tokenizer, self.hparams.ctx_len)
