@@ -45,17 +45,22 @@ class ExportSAE(Callback):
             return
         dm = trainer.datamodule
         meta = dm.metadata() if hasattr(dm, "metadata") else {}
-        meta.update(
-            tokens_seen=int(pl_module.tokens_seen),
-            steps=int(trainer.global_step),
-            dead_fraction=float(pl_module.dead_mask.float().mean()),
-        )
-        val_fvu = trainer.callback_metrics.get("val/fvu")
-        if val_fvu is not None:
-            meta["val_fvu"] = float(val_fvu)
-        path = pl_module.sae.save(self.run_dir, metadata=meta)
-        log.info("exported the SAE to %s", path)
-        print(f"saetrain: exported the SAE to {path}", file=sys.stderr)
+        layers = getattr(dm, "layers", [meta.get("layer")])
+        meta.update(tokens_seen=int(pl_module.tokens_seen), steps=int(trainer.global_step))
+        several = len(pl_module.trained) > 1
+        for t in pl_module.trained:
+            extra = {**meta, "dead_fraction": float(t.dead_mask.float().mean())}
+            if len(layers) > 1:
+                extra.update(layer=layers[t.hook_index], hookpoint=t.hookpoint)
+            prefix = "val/" if not several else f"val/{t.name}/"
+            val_fvu = trainer.callback_metrics.get(prefix + "fvu")
+            if val_fvu is not None:
+                extra["val_fvu"] = float(val_fvu)
+            # One SAE: the run folder itself; several: one subfolder each, named after it.
+            out = self.run_dir / t.name.replace("/", "__") if several else self.run_dir
+            path = t.sae.save(out, metadata=extra)
+            log.info("exported the SAE to %s", path)
+            print(f"saetrain: exported the SAE to {path}", file=sys.stderr)
 
 
 class SaveOnSigterm(Callback):
@@ -144,6 +149,7 @@ class SAETrainCLI(LightningCLI):
             help="Save a Lightning checkpoint (for --ckpt_path) every this many steps.",
         )
         parser.link_arguments("data.d_in", "model.d_in", apply_on="instantiate")
+        parser.link_arguments("data.hookpoints", "model.hookpoints", apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` before Lightning reads it, and refuse a changed SAE shape.
@@ -159,7 +165,7 @@ class SAETrainCLI(LightningCLI):
             saved = torch.load(sub.ckpt_path, weights_only=True, map_location="cpu")
             saved = saved.get("hyper_parameters", {})
             asked = sub.model
-            for name in ("num_latents", "expansion_factor", "k"):
+            for name in ("num_latents", "expansion_factor", "k", "sae_variants"):
                 if name in saved and asked.get(name) != saved[name]:
                     raise UserError(
                         f"the checkpoint's SAE has {name}={saved[name]} but this run asks for "

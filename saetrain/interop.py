@@ -305,12 +305,21 @@ def _read_lightning(path: Path, device: Any) -> SAE:
     """The SAE in a checkpoint written by ``python -m saetrain fit`` (input scale unfolded)."""
     ckpt = safe_torch_load(path)
     state = ckpt.get("state_dict", {}) if isinstance(ckpt, dict) else {}
-    if "sae.W_enc" not in state:
+    # SAEModule keeps SAE number i as saes.<hookpoint index>_<variant index>.sae.*
+    prefixes = sorted(k.removesuffix("W_enc") for k in state if k.endswith(".sae.W_enc"))
+    if not prefixes:
         raise ValueError(
-            f"{path} is not a saetrain Lightning checkpoint (no sae.W_enc in its state_dict)"
+            f"{path} is not a saetrain Lightning checkpoint (no saes.*.sae.W_enc in its state_dict)"
         )
-    tensors = {k.removeprefix("sae."): v for k, v in state.items() if k.startswith("sae.")}
+    if len(prefixes) > 1:
+        raise ValueError(
+            f"{path} holds {len(prefixes)} SAEs: export one from the subfolders of its run "
+            "folder (written at the end of training), not from the checkpoint"
+        )
+    prefix = prefixes[0]
+    tensors = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     hp = {**ckpt.get("hyper_parameters", {}), "extra": {}}
+    hp.update((hp.get("sae_variants") or [{}])[0])  # a single variant may override k etc.
     hp["num_latents"], hp["d_in"] = tensors["W_enc"].shape
     dm = ckpt.get("datamodule_hyper_parameters", {})
     layer = dm.get("layer")

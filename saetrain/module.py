@@ -1,8 +1,13 @@
-"""The LightningModule that trains one Top-k SAE on batches of activations (B, d_in).
+"""The LightningModule that trains Top-k SAEs on batches of activations.
 
-Loss = FVU + auxk_coef * AuxK. Adam with linear warm-up and a decay to zero; the decoder's rows
-stay unit-norm (gradient projected before each step, rows renormalised after). Dead-latent
-counters are buffers, so they are saved in and restored from checkpoints.
+One SAE by default, on (B, d_in) batches. With several hookpoints (``data.layer: [3, 5]``,
+batches (B, n_hookpoints, d_in)) and/or ``model.sae_variants`` (other sizes or k), one SAE per
+(hookpoint, variant) pair trains on the same batches, so the LM forward pass is paid once for
+all of them (issue #3). Each SAE's loss = FVU + auxk_coef * AuxK; the losses are summed, which
+leaves each SAE's gradients exactly what they would be alone. Adam with linear warm-up and a
+decay to zero, one parameter group per SAE; the decoder's rows stay unit-norm (gradient
+projected before each step, rows renormalised after). Dead-latent counters are buffers, so
+they are saved in and restored from checkpoints.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.regression import ExplainedVariance
 
@@ -57,11 +62,51 @@ class FVU(Metric):
         return (self.sse / total_variance.clamp_min(1e-12)).float()
 
 
+# Fields a variant may set, overriding the module's own (see SAEModule).
+VARIANT_FIELDS = (
+    "num_latents",
+    "expansion_factor",
+    "k",
+    "k_aux",
+    "auxk_coef",
+    "dead_tokens_threshold",
+    "lr",
+)
+
+
+class TrainedSAE(nn.Module):
+    """One SAE with what training keeps beside it: dead-latent counter and metrics."""
+
+    def __init__(self, cfg: SAEConfig, hookpoint: str, hook_index: int, name: str, lr: float):
+        super().__init__()
+        self.sae = SAE(cfg)
+        self.hookpoint, self.hook_index, self.name, self.lr = hookpoint, hook_index, name, lr
+        n = cfg.num_latents
+        self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.long))
+        self.train_metrics = MetricCollection(
+            {"fvu": MeanMetric(), "l0": MeanMetric(), "auxk_loss": MeanMetric()}
+        )
+        self.val_fvu = FVU(cfg.d_in)
+        self.val_l0 = MeanMetric()
+        self.val_ev = ExplainedVariance(multioutput="variance_weighted")
+        self.register_buffer("val_fired", torch.zeros(n, dtype=torch.bool), persistent=False)
+
+    @property
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.sae.cfg.dead_tokens_threshold
+
+    def inputs(self, batch: Tensor) -> Tensor:
+        """This SAE's (B, d_in) slice of a (B, d_in) or (B, n_hookpoints, d_in) batch."""
+        return batch if batch.dim() == 2 else batch[:, self.hook_index]
+
+
 class SAEModule(L.LightningModule):
-    """Trains an :class:`~saetrain.sae.SAE` with Lightning.
+    """Trains :class:`~saetrain.sae.SAE` s with Lightning.
 
     Args:
         d_in: Activation width; linked from ``data.d_in`` by the CLI, so leave it unset.
+        hookpoints: Names of the hooked layers, in the order of a batch's second axis; linked
+            from ``data.hookpoints`` by the CLI. None: one hookpoint, (B, d_in) batches.
         num_latents: Dictionary size; None means ``expansion_factor * d_in``.
         expansion_factor: Used when ``num_latents`` is None (the paper uses 8).
         k: Latents kept per token.
@@ -76,11 +121,15 @@ class SAEModule(L.LightningModule):
         warmup_steps: Linear learning-rate warm-up.
         lr_decay: After warm-up: linear or cosine decay to zero at the last step, or constant.
         decay_start: Fraction of the run after which the decay starts.
+        sae_variants: Several SAEs per hookpoint: a list of dicts, each overriding some of
+            num_latents, expansion_factor, k, k_aux, auxk_coef, dead_tokens_threshold, lr
+            (e.g. ``[{k: 32}, {k: 64, num_latents: 16384}]``). None: one SAE per hookpoint.
     """
 
     def __init__(
         self,
         d_in: int | None = None,
+        hookpoints: list[str] | None = None,
         num_latents: int | None = None,
         expansion_factor: int = 8,
         k: int = 32,
@@ -95,6 +144,7 @@ class SAEModule(L.LightningModule):
         warmup_steps: int = 100,
         lr_decay: Literal["linear", "cosine", "constant"] = "linear",
         decay_start: float = 0.8,
+        sae_variants: list[dict] | None = None,
     ):
         super().__init__()
         if expansion_factor < 1:
@@ -103,78 +153,127 @@ class SAEModule(L.LightningModule):
             raise ValueError(f"model.decay_start must be in [0, 1], got {decay_start}")
         if warmup_steps < 0:
             raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+        for i, variant in enumerate(sae_variants or []):
+            unknown = sorted(set(variant) - set(VARIANT_FIELDS))
+            if unknown:
+                raise ValueError(
+                    f"model.sae_variants[{i}] sets {', '.join(unknown)}, which a variant cannot "
+                    f"set: choose from {', '.join(VARIANT_FIELDS)}"
+                )
+        if sae_variants is not None and not sae_variants:
+            raise ValueError("model.sae_variants is empty: list at least one, or leave it unset")
         self.save_hyperparameters()
-        self.sae: SAE | None = None
+        self.saes: nn.ModuleDict | None = None
         self.metadata: dict = {}
         if d_in is not None:
             self.configure_model()
 
+    # ---------------------------------------------------------------- the SAEs
+
+    def variant_config(self, variant: dict) -> tuple[SAEConfig, float]:
+        """The SAE config and learning rate of one variant (the module's fields, overridden)."""
+        hp = {**self.hparams, **variant}
+        if hp["d_in"] is None:
+            raise ValueError("model.d_in is unknown: it is linked from the data module's LM")
+        cfg = SAEConfig(
+            d_in=hp["d_in"],
+            num_latents=hp["num_latents"] or hp["expansion_factor"] * hp["d_in"],
+            k=hp["k"],
+            k_aux=hp["k_aux"],
+            auxk_coef=hp["auxk_coef"],
+            dead_tokens_threshold=hp["dead_tokens_threshold"],
+            normalize_activations=hp["normalize_activations"],
+            b_dec_init=hp["b_dec_init"],
+        )
+        return cfg, hp["lr"] or default_lr(cfg.num_latents)
+
     @property
     def sae_config(self) -> SAEConfig:
-        hp = self.hparams
-        if hp.d_in is None:
-            raise ValueError("model.d_in is unknown: it is linked from the data module's LM")
-        return SAEConfig(
-            d_in=hp.d_in,
-            num_latents=hp.num_latents or hp.expansion_factor * hp.d_in,
-            k=hp.k,
-            k_aux=hp.k_aux,
-            auxk_coef=hp.auxk_coef,
-            dead_tokens_threshold=hp.dead_tokens_threshold,
-            normalize_activations=hp.normalize_activations,
-            b_dec_init=hp.b_dec_init,
-        )
+        """The config of the module's own fields (the first variant's base)."""
+        return self.variant_config({})[0]
 
     def configure_model(self) -> None:
-        if self.sae is not None:
+        if self.saes is not None:
             return
-        cfg = self.sae_config
-        self.sae = SAE(cfg)
-        n = cfg.num_latents
-        self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.long))
+        hookpoints = self.hparams.hookpoints or ["sae"]
+        variants = self.hparams.sae_variants or [{}]
+        self.saes = nn.ModuleDict()
+        # Every SAE is initialised from the same generator state, so each starts as it would
+        # in a run of its own (several SAEs per pass train to the same weights as separate runs).
+        rng = torch.get_rng_state()
+        for h, hookpoint in enumerate(hookpoints):
+            for v, variant in enumerate(variants):
+                torch.set_rng_state(rng)
+                cfg, lr = self.variant_config(variant)
+                name = hookpoint
+                if len(variants) > 1:
+                    name = f"{hookpoint}/{cfg.num_latents}-k{cfg.k}"
+                    if any(t.name == name for t in self.saes.values()):
+                        name += f"-v{v}"
+                self.saes[f"{h}_{v}"] = TrainedSAE(cfg, hookpoint, h, name, lr)
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
-        self.train_metrics = MetricCollection(
-            {"fvu": MeanMetric(), "l0": MeanMetric(), "auxk_loss": MeanMetric()}, prefix="train/"
-        )
-        self.val_fvu = FVU(cfg.d_in)
-        self.val_l0 = MeanMetric()
-        self.val_ev = ExplainedVariance(multioutput="variance_weighted")
-        self.register_buffer("val_fired", torch.zeros(n, dtype=torch.bool), persistent=False)
+
+    @property
+    def trained(self) -> list[TrainedSAE]:
+        return list(self.saes.values())
+
+    @property
+    def sae(self) -> SAE:
+        """The SAE, when the module trains one (else the first)."""
+        return self.trained[0].sae
 
     @property
     def dead_mask(self) -> Tensor:
-        return self.tokens_since_fired >= self.hparams.dead_tokens_threshold
+        """Dead latents of the (first) SAE."""
+        return self.trained[0].dead_mask
+
+    def _prefix(self, t: TrainedSAE, split: str) -> str:
+        return f"{split}/" if len(self.saes) == 1 else f"{split}/{t.name}/"
+
+    # ---------------------------------------------------------------- training
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        assert self.sae is not None
-        if not bool(self.sae.initialized):
-            self.sae.init_from_data(batch)
-            self._sync_init()
-        dead = self.dead_mask
-        out = self.sae(batch, dead_mask=dead)
-        loss = out.fvu + self.hparams.auxk_coef * out.auxk_loss
-        with torch.no_grad():
-            fired = torch.zeros_like(dead)
-            fired[out.latent_indices.flatten()[out.latent_acts.flatten() > 0]] = True
-            tokens = batch.shape[0]
-            if self._distributed():  # a latent fired if it fired on any rank
-                fired = fired.to(torch.uint8)
-                dist.all_reduce(fired, op=dist.ReduceOp.MAX)
-                fired = fired.bool()
-                tokens *= dist.get_world_size()  # every rank trains on batch_size tokens
-            self.tokens_since_fired += tokens
-            self.tokens_since_fired[fired] = 0
-            self.tokens_seen += tokens
-            l0 = (out.latent_acts > 0).sum(-1).float().mean()
-        self.train_metrics["fvu"](out.fvu.detach())
-        self.train_metrics["l0"](l0)
-        self.train_metrics["auxk_loss"](out.auxk_loss.detach())
-        self.log_dict(self.train_metrics, prog_bar=True)
+        losses, fired_masks = [], []
+        for t in self.trained:
+            x = t.inputs(batch)
+            if not bool(t.sae.initialized):
+                t.sae.init_from_data(x)
+                self._sync_init(t.sae)
+            dead = t.dead_mask
+            out = t.sae(x, dead_mask=dead)
+            losses.append(out.fvu + t.sae.cfg.auxk_coef * out.auxk_loss)
+            with torch.no_grad():
+                fired = torch.zeros_like(dead)
+                fired[out.latent_indices.flatten()[out.latent_acts.flatten() > 0]] = True
+                fired_masks.append(fired)
+                l0 = (out.latent_acts > 0).sum(-1).float().mean()
+            t.train_metrics["fvu"](out.fvu.detach())
+            t.train_metrics["l0"](l0)
+            t.train_metrics["auxk_loss"](out.auxk_loss.detach())
+            prefix = self._prefix(t, "train")
+            self.log_dict({prefix + k: v for k, v in t.train_metrics.items()}, prog_bar=True)
+            self.log(prefix + "dead_fraction", dead.float().mean(), prog_bar=True)
+        self._count_tokens(batch.shape[0], fired_masks)
+        loss = torch.stack(losses).sum() if len(losses) > 1 else losses[0]
         self.log("train/loss", loss.detach())
-        self.log("train/dead_fraction", dead.float().mean(), prog_bar=True)
         self.log("train/tokens_seen", self.tokens_seen.float())
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
+
+    @torch.no_grad()
+    def _count_tokens(self, tokens: int, fired_masks: list[Tensor]) -> None:
+        """Advance the dead-latent counters; a latent fired if it fired on any rank."""
+        fired_all = torch.cat(fired_masks)
+        if self._distributed():  # one all-reduce for every SAE's mask
+            fired_u8 = fired_all.to(torch.uint8)
+            dist.all_reduce(fired_u8, op=dist.ReduceOp.MAX)
+            fired_all = fired_u8.bool()
+            tokens *= dist.get_world_size()  # every rank trains on batch_size tokens
+        sizes = [m.numel() for m in fired_masks]
+        for t, fired in zip(self.trained, fired_all.split(sizes), strict=True):
+            t.tokens_since_fired += tokens
+            t.tokens_since_fired[fired] = 0
+        self.tokens_seen += tokens
 
     # ---------------------------------------------------------------- several processes
 
@@ -182,17 +281,18 @@ class SAEModule(L.LightningModule):
     def _distributed() -> bool:
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
-    def _sync_init(self) -> None:
+    def _sync_init(self, sae: SAE) -> None:
         """Average the data-dependent init over ranks, so all start from the same SAE."""
         if self._distributed():
-            for t in (self.sae.input_scale, self.sae.b_dec.data):
+            for t in (sae.input_scale, sae.b_dec.data):
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
                 t /= dist.get_world_size()
 
     def on_train_end(self) -> None:
         """Check that every rank holds the same dead-latent counters (they are all-reduced)."""
         if self._distributed():
-            counters = torch.cat([self.tokens_since_fired, self.tokens_seen.view(1)])
+            counters = torch.cat([t.tokens_since_fired for t in self.trained])
+            counters = torch.cat([counters, self.tokens_seen.view(1)])
             first = counters.clone()
             dist.broadcast(first, src=0)
             if not torch.equal(first, counters):
@@ -225,12 +325,18 @@ class SAEModule(L.LightningModule):
             ("d_in", saved.get("d_in"), now.d_in),
             ("num_latents", saved_latents, now.num_latents),
             ("k", saved.get("k"), now.k),
+            ("sae_variants", saved.get("sae_variants"), self.hparams.sae_variants),
         ):
-            if old is not None and old != new:
+            if name in saved and old != new:
                 raise ValueError(
                     f"the checkpoint's SAE has {name}={old} but this run's has {name}={new}: "
                     "resume with the same model settings, or start a new run"
                 )
+        if "hookpoints" in saved and saved["hookpoints"] != self.hparams.hookpoints:
+            raise ValueError(
+                f"the checkpoint's SAEs read {saved['hookpoints']} but data.layer gives "
+                f"{self.hparams.hookpoints}: resume with the same data.layer, or start a new run"
+            )
         rng = checkpoint.get("rng_states")
         if rng:
             torch.set_rng_state(rng["torch"])
@@ -241,42 +347,49 @@ class SAEModule(L.LightningModule):
             np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        self.sae.remove_parallel_grad()
+        for t in self.trained:
+            t.sae.remove_parallel_grad()
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         # Here rather than in on_train_batch_end: callbacks (checkpointing) run before that hook.
-        self.sae.normalize_decoder()
+        for t in self.trained:
+            t.sae.normalize_decoder()
+
+    # ---------------------------------------------------------------- validation
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        out = self.sae(batch)
-        x, x_hat = batch.float(), out.x_hat.float()
-        self.val_fvu.update(x_hat, x)
-        self.val_l0.update((out.latent_acts > 0).sum(-1).float().mean(), weight=x.shape[0])
-        self.val_ev.update(x_hat, x)
-        self.val_fired[out.latent_indices[out.latent_acts > 0]] = True
+        for t in self.trained:
+            x = t.inputs(batch)
+            out = t.sae(x)
+            x, x_hat = x.float(), out.x_hat.float()
+            t.val_fvu.update(x_hat, x)
+            t.val_l0.update((out.latent_acts > 0).sum(-1).float().mean(), weight=x.shape[0])
+            t.val_ev.update(x_hat, x)
+            t.val_fired[out.latent_indices[out.latent_acts > 0]] = True
 
     def on_validation_epoch_end(self) -> None:
         # The metrics' compute() already reduces their states across ranks (the same value
         # on each: sync_dist only silences Lightning's warning); the fired mask is OR-ed here.
-        if self._distributed():
-            fired = self.val_fired.to(torch.uint8)
-            dist.all_reduce(fired, op=dist.ReduceOp.MAX)
-            self.val_fired.copy_(fired.bool())
-        self.log("val/fvu", self.val_fvu.compute(), prog_bar=True, sync_dist=True)
-        self.log("val/l0", self.val_l0.compute(), sync_dist=True)
-        self.log("val/explained_variance", self.val_ev.compute(), sync_dist=True)
-        self.log("val/unfired_fraction", 1 - self.val_fired.float().mean(), sync_dist=True)
-        for m in (self.val_fvu, self.val_l0, self.val_ev):
-            m.reset()
-        self.val_fired.zero_()
+        for t in self.trained:
+            if self._distributed():
+                fired = t.val_fired.to(torch.uint8)
+                dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+                t.val_fired.copy_(fired.bool())
+            p = self._prefix(t, "val")
+            self.log(p + "fvu", t.val_fvu.compute(), prog_bar=True, sync_dist=True)
+            self.log(p + "l0", t.val_l0.compute(), sync_dist=True)
+            self.log(p + "explained_variance", t.val_ev.compute(), sync_dist=True)
+            self.log(p + "unfired_fraction", 1 - t.val_fired.float().mean(), sync_dist=True)
+            for m in (t.val_fvu, t.val_l0, t.val_ev):
+                m.reset()
+            t.val_fired.zero_()
 
     def configure_optimizers(self):
-        cfg = self.sae_config
-        lr = self.hparams.lr or default_lr(cfg.num_latents)
-        opt = torch.optim.Adam(
-            self.sae.parameters(), lr=lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps
-        )
+        # One Adam, one parameter group per SAE with its own learning rate; Adam's update is
+        # per tensor, so each SAE steps exactly as it would alone.
+        groups = [{"params": list(t.sae.parameters()), "lr": t.lr} for t in self.trained]
+        opt = torch.optim.Adam(groups, betas=tuple(self.hparams.betas), eps=self.hparams.eps)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(self.hparams.warmup_steps, total)
         decay_from = max(warmup, int(self.hparams.decay_start * total))

@@ -241,10 +241,9 @@ def test_a_failed_export_leaves_the_old_folder_intact_and_nothing_half_written(
 
 def lightning_checkpoint(path, sae: SAE) -> None:
     """A checkpoint laid out like the ones ``fit`` writes (see saetrain/module.py)."""
-    state = {f"sae.{k}": v for k, v in sae.state_dict().items()}
-    state.update(
-        tokens_since_fired=torch.zeros(N, dtype=torch.long), tokens_seen=torch.tensor(5120)
-    )
+    state = {f"saes.0_0.sae.{k}": v for k, v in sae.state_dict().items()}
+    state["saes.0_0.tokens_since_fired"] = torch.zeros(N, dtype=torch.long)
+    state["tokens_seen"] = torch.tensor(5120)
     hp = {
         "d_in": D_IN,
         "num_latents": None,
@@ -295,7 +294,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    torch.save({"state_dict": {"sae.W_enc": Exploit()}}, tmp_path / "evil.ckpt")
+    torch.save({"state_dict": {"saes.0_0.sae.W_enc": Exploit()}}, tmp_path / "evil.ckpt")
     with pytest.raises(ValueError, match=r"GLOBAL (posix|os)\.system.*refusing to unpickle"):
         load_sae(tmp_path / "evil.ckpt")
     assert not marker.exists()

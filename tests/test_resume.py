@@ -252,7 +252,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(
 @pytest.mark.parametrize(
     "change, words",
     [
-        (["--data.layer", "0"], "data.layer is 0"),
+        (["--data.layer", "0"], "['layers.1'] but data.layer gives ['layers.0']"),
         (["--model.k", "8"], "k=8"),
         (["--model.expansion_factor", "2"], "expansion_factor=2"),
     ],

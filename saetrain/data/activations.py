@@ -102,13 +102,18 @@ class MassiveActivationFilter:
         self.dropped = 0
 
     def __call__(self, acts: Tensor) -> Tensor:
-        """Boolean keep-mask (N,) for activations (N, d_in); updates the counters."""
+        """Boolean keep-mask (N,) for activations (N, d_in), or (N, n_layers, d_in) with a
+        median per layer (a token is kept if it is no outlier at any layer); updates the
+        counters."""
         self.seen += acts.shape[0]
         if self.multiple is None or acts.shape[0] == 0:
             return torch.ones(acts.shape[0], dtype=torch.bool, device=acts.device)
-        norms = acts.float().norm(dim=-1).cpu()  # (N,)
-        self.window = torch.cat([self.window, norms])[-self.window_size :]
-        keep = norms <= self.multiple * self.window.median()
+        norms = acts.float().norm(dim=-1).cpu()  # (N,) or (N, n_layers)
+        window = norms if self.window.numel() == 0 else torch.cat([self.window, norms])
+        self.window = window[-self.window_size :]
+        keep = norms <= self.multiple * self.window.median(dim=0).values
+        if keep.dim() > 1:
+            keep = keep.all(dim=1)
         self.dropped += int((~keep).sum())
         return keep.to(acts.device)
 
@@ -130,16 +135,17 @@ class TokenStats:
 
 
 class ActivationProducer:
-    """Runs ``model`` on packed sequences and yields the kept activations of one layer.
+    """Runs ``model`` on packed sequences and yields the kept activations of ``layer``.
 
-    Yields (N, d_in) float tensors on the model's device, one per LM batch.
+    Yields (N, d_in) float tensors on the model's device, one per LM batch; with a list of
+    layers, (N, n_layers, d_in) from one forward pass that stops after the deepest.
     """
 
     def __init__(
         self,
         model: nn.Module,
         tokenizer,
-        layer: int,
+        layer: int | list[int],
         *,
         ctx_len: int,
         lm_batch_size: int,
@@ -175,12 +181,17 @@ class ActivationProducer:
     def activations(self, input_ids: Tensor) -> Tensor:
         """Kept activations (N, d_in) for a batch of sequences (B, T)."""
         input_ids = input_ids.to(self.device)
-        hidden = residual_stream(self.model, input_ids, [self.layer])[self.layer]  # (B, T, d)
+        layers = [self.layer] if isinstance(self.layer, int) else list(self.layer)
+        hidden = residual_stream(self.model, input_ids, layers)
+        if isinstance(self.layer, int):
+            hidden = hidden[self.layer]  # (B, T, d)
+        else:
+            hidden = torch.stack([hidden[layer] for layer in layers], dim=2)  # (B, T, L, d)
         keep = self.keep_mask(input_ids)
         self.stats.sequences += input_ids.shape[0]
         self.stats.tokens += input_ids.numel()
         self.stats.special += int((~keep).sum())
-        acts = hidden[keep]  # (N, d)
+        acts = hidden[keep]  # (N, d) or (N, L, d)
         acts = acts[self.outliers(acts)].to(self.out_dtype)
         self.stats.kept += acts.shape[0]
         return acts

@@ -458,6 +458,11 @@ def run_cache(args: list[str]) -> None:
     data_parser = ArgumentParser(exit_on_error=False)
     data_parser.add_class_arguments(ActivationDataModule, "data")
     dm = data_parser.instantiate(data_parser.parse_object({"data": data})).data
+    if len(dm.layers) > 1:
+        raise ValueError(
+            f"data.layer lists {len(dm.layers)} layers but a cache holds one: write one cache "
+            "per layer (--data.layer L)"
+        )
     dm.d_in  # noqa: B018 -- checks the layer exists before any weights are loaded
     dm.setup()
     # Held-out first: a bad val setting fails before the long write.

@@ -49,7 +49,10 @@ class ActivationDataModule(L.LightningDataModule):
     Args:
         model: Hub id, local directory, ``.gguf`` file, or ``package://pkg/file.gguf``.
         source: Where the text comes from (see :class:`saetrain.data.sources.TextSource`).
-        layer: Decoder layer whose output (the residual stream after it) is read, from 0.
+        layer: Decoder layer whose output (the residual stream after it) is read, from 0; a
+            list reads several from one forward pass (batches are then (B, n_layers, d_in),
+            one SAE per layer, and a token that is a massive-activation outlier at any of them
+            is dropped at all of them).
         ctx_len: Tokens per packed sequence fed to the LM.
         lm_batch_size: Sequences per LM forward pass.
         batch_size: Activations (tokens) per SAE training step.
@@ -75,7 +78,7 @@ class ActivationDataModule(L.LightningDataModule):
         self,
         model: str,
         source: TextSource,
-        layer: int,
+        layer: int | list[int],
         ctx_len: int = 256,
         lm_batch_size: int = 8,
         batch_size: int = 4096,
@@ -98,8 +101,13 @@ class ActivationDataModule(L.LightningDataModule):
         ):
             if value < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {value}")
-        if layer < 0:
-            raise ValueError(f"data.layer must be >= 0, got {layer}")
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        if not layers or min(layers) < 0 or len(set(layers)) != len(layers):
+            raise ValueError(
+                f"data.layer must be a layer >= 0 or a list of distinct ones, got {layer}"
+            )
+        if cache and len(layers) > 1:
+            raise ValueError("data.cache holds one layer: train several layers from the live LM")
         if buffer_size < 2 * batch_size:
             raise ValueError(
                 f"data.buffer_size={buffer_size} must be at least 2 * data.batch_size "
@@ -113,6 +121,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.model_name = model
         self.source = source
         self.layer = layer
+        self.layers = layers
         self.lm = None
         self.tokenizer = None
         self.producer: ActivationProducer | None = None
@@ -130,13 +139,20 @@ class ActivationDataModule(L.LightningDataModule):
             config = load_lm_config(self.model_name)
             n_layers = num_layers(config)
             if n_layers is not None:  # checked before any weights are loaded
-                check_layer_index(self.layer, n_layers, self.model_name)
+                for layer in self.layers:
+                    check_layer_index(layer, n_layers, self.model_name)
             self._d_in = hidden_size(config)
         return self._d_in
 
     @property
     def hookpoint(self) -> str:
-        return f"layers.{self.layer}"
+        """Name of the hooked layer (the first, when there are several)."""
+        return self.hookpoints[0]
+
+    @property
+    def hookpoints(self) -> list[str]:
+        """Names of the hooked layers, in the order of a batch's second axis."""
+        return [f"layers.{layer}" for layer in self.layers]
 
     def setup(self, stage: str | None = None) -> None:
         if self.lm is not None or self.manifest is not None:
@@ -153,7 +169,8 @@ class ActivationDataModule(L.LightningDataModule):
         dtype = pick_dtype(self.hparams.lm_dtype, device)
         log.info("loading %s on %s in %s", self.model_name, device, dtype)
         self.lm, self.tokenizer = load_lm(self.model_name, dtype=dtype, device=device)
-        check_layer(self.lm, self.layer)
+        for layer in self.layers:
+            check_layer(self.lm, layer)
         self.producer = self._new_producer()
 
     def _new_producer(self) -> ActivationProducer:

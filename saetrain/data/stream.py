@@ -189,7 +189,7 @@ class TrainStream:
                     return
             chunk = self.chunk_rest
             if self.buffer is None:
-                self.buffer = chunk.new_empty(self.buffer_size, chunk.shape[-1])
+                self.buffer = chunk.new_empty(self.buffer_size, *chunk.shape[1:])
             take = min(self.buffer_size - self.filled, chunk.shape[0])
             self.buffer[self.filled : self.filled + take] = chunk[:take]
             self.filled += take
@@ -283,7 +283,7 @@ class TrainStream:
         buf = state["buffer"]
         self.buffer, self.filled = None, 0
         if buf is not None:
-            self.buffer = buf.new_empty(self.buffer_size, buf.shape[-1]).to(device)
+            self.buffer = buf.new_empty(self.buffer_size, *buf.shape[1:]).to(device)
             self.buffer[: buf.shape[0]] = buf.to(device)
             self.filled = buf.shape[0]
         self.ready = deque(b.to(device) for b in state["ready"])
