@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from test_resume import final_weights, fit_command, run_env
+from test_resume import final_weights, fit_command, run_env, start_and_kill_when
 
 DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "40"]
 
@@ -71,3 +71,24 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     want, got = final_weights(ddp_whole), final_weights(run)
     assert all(torch.equal(got[name], want[name]) for name in want)
+
+
+def test_a_one_process_checkpoint_resumes_with_two_and_says_what_is_not_exact(
+    tiny_model_dir, chat_jsonl, tmp_path
+):
+    run = tmp_path / "grow"
+    cmd = fit_command(tiny_model_dir, chat_jsonl, tmp_path, "grow")
+    cmd += ["--trainer.callbacks+=killers.Slow"]
+    proc = start_and_kill_when(cmd, run / "lightning" / "step10.ckpt", signal.SIGKILL, 0.0)
+    assert proc.returncode == -signal.SIGKILL
+    ckpt = run / "lightning" / "last.ckpt"
+    steps_before = torch.load(ckpt, weights_only=False)["global_step"]
+    done = ddp_run(tiny_model_dir, chat_jsonl, tmp_path, "grow", "--ckpt_path", str(ckpt))
+    log = done.stderr.decode()
+    assert done.returncode == 0, log[-3000:]
+    assert "resuming a 1-process run with 2 processes" in " ".join(log.split())
+    import json
+
+    extra = json.loads((run / "cfg.json").read_text())["extra"]
+    assert extra["steps"] == 40
+    assert extra["tokens_seen"] == steps_before * 128 + (40 - steps_before) * 128 * 2

@@ -247,7 +247,7 @@ class CacheReader:
         )
         self._files: dict[str, Any] = {}  # open safetensors handles, not part of the state
         self._buf: Tensor | None = None  # (buffer_size, d_in), allocated on the first read
-        self._handed_out = 0
+        self.handed_out = 0
         self._recent: deque[Tensor] = deque(maxlen=self._KEEP)
         self._replay: list[Tensor] = []  # batches handed out but not consumed, served first
         self._start_epoch(0)
@@ -283,7 +283,7 @@ class CacheReader:
             batch = self._replay.pop(0) if self._replay else self._next_batch()
             if batch is None:
                 return
-            self._handed_out += 1
+            self.handed_out += 1
             self._recent.append(batch)
             yield batch
 
@@ -357,11 +357,11 @@ class CacheReader:
         batch handed out, counted since this reader was made or restored): the config, the
         shard sizes, the position fields, the buffer's rows (n, d_in), the generator, and the
         batches handed out after ``consumed``, which a restored reader serves first."""
-        consumed = self._handed_out if consumed is None else consumed
-        back = self._handed_out - consumed
+        consumed = self.handed_out if consumed is None else consumed
+        back = self.handed_out - consumed
         if not 0 <= back <= len(self._recent):
             raise ValueError(
-                f"cannot take the cache reader's state as of batch {consumed}: {self._handed_out}"
+                f"cannot take the cache reader's state as of batch {consumed}: {self.handed_out}"
                 f" were handed out and only the last {len(self._recent)} are kept"
             )
         state = {f: copy.deepcopy(getattr(self, "_" + f)) for f in self._FIELDS}
@@ -396,7 +396,7 @@ class CacheReader:
         self._gen.set_state(state["generator"])
         self._replay = list(state["replay"])
         self._recent.clear()
-        self._handed_out = state["consumed"]
+        self.handed_out = state["consumed"]
 
 
 def _load_recipe(path: str) -> dict:
