@@ -444,3 +444,15 @@ def test_fit_refuses_a_cache_of_another_layer_in_one_line(
     args = fit_args(tiny_model_dir, chat_jsonl, tmp_path, "x", "--data.cache", str(tiny_cache))
     assert main(args + ["--data.layer", "0"]) == 2
     assert "layer" in error_line(capsys)
+
+
+def test_a_written_cache_is_readable_by_others_as_the_umask_allows(tmp_path):
+    import os
+    import stat
+
+    out = write_cache(tmp_path / "c", [torch.randn(10, 4)], manifest={"model": "m", "layer": 0})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask

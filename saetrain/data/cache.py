@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -125,6 +126,11 @@ def write_cache(
             shards=shards,
         )
         (tmp / "manifest.json").write_text(json.dumps(full, indent=2, default=str) + "\n")
+        # mkdtemp makes a private (0700) folder: give it and its files the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in (tmp, *tmp.iterdir()):
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
         check_out_dir(out)  # again: something may have appeared there while we wrote
         if out.exists():
             out.rmdir()
