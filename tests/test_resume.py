@@ -277,3 +277,15 @@ def test_a_truncated_checkpoint_is_refused_in_one_line(
     cmd = fit_command(tiny_model_dir, chat_jsonl, tmp_path, "cut", "--ckpt_path", str(ckpt))
     assert main(cmd[3:]) == 2
     assert "corrupt or truncated" in error_line(capsys)
+
+
+def test_held_out_documents_spread_by_val_every_are_never_trained_on(tiny_model_dir, chat_jsonl):
+    from saetrain.data.datamodule import ActivationDataModule
+
+    source = TextSource(str(chat_jsonl))
+    dm = ActivationDataModule(str(tiny_model_dir), source, 1, val_documents=4, val_every=3)
+    dm.setup()
+    everything = list(iter_documents(source, dm.tokenizer))
+    assert list(dm.documents("val")) == [everything[i] for i in (0, 3, 6, 9)]
+    train = list(dm.documents("train"))
+    assert train == [d for i, d in enumerate(everything) if i not in (0, 3, 6, 9)]

@@ -63,8 +63,11 @@ class ActivationDataModule(L.LightningDataModule):
             norm is far above the rest).
         outlier_multiple: Drop tokens whose norm exceeds this multiple of the running median
             norm; None keeps all.
-        val_documents: Documents at the start of the source held out for validation (never
-            trained on); 0 disables validation.
+        val_documents: Documents held out for validation (never trained on): the first ones,
+            or with ``val_every`` spread over the source; 0 disables validation.
+        val_every: Hold out every ``val_every``-th document (0, n, 2n, ...) until there are
+            ``val_documents``, so the held-out set samples more of the source than its start
+            (sources are often ordered by topic or date); 1 holds out the first ones.
         val_tokens: At most this many held-out activations are used for validation.
         document_buffer: Shuffle training documents in a buffer of this many before
             tokenizing (0 keeps the source's order).
@@ -88,6 +91,7 @@ class ActivationDataModule(L.LightningDataModule):
         exclude_first_position: bool = True,
         outlier_multiple: float | None = 10.0,
         val_documents: int = 0,
+        val_every: int = 1,
         val_tokens: int = 65536,
         document_buffer: int = 0,
         seed: int = 0,
@@ -113,6 +117,8 @@ class ActivationDataModule(L.LightningDataModule):
                 f"data.buffer_size={buffer_size} must be at least 2 * data.batch_size "
                 f"({2 * batch_size}): raise buffer_size or lower batch_size"
             )
+        if val_every < 1:
+            raise ValueError(f"data.val_every must be >= 1, got {val_every}")
         if document_buffer < 0:
             raise ValueError(f"data.document_buffer must be >= 0, got {document_buffer}")
         if outlier_multiple is not None and outlier_multiple <= 1:
@@ -204,13 +210,18 @@ class ActivationDataModule(L.LightningDataModule):
         }
 
     def documents(self, split: Literal["train", "val"]) -> Iterator[str]:
-        """Held-out documents (the first ``val_documents``, the same on every rank), or all
-        the training documents after them."""
+        """Held-out documents (``val_documents`` of them: documents 0, val_every,
+        2 * val_every, ...; the same on every rank), or all the others, for training."""
         docs = iter_documents(self.source, self.tokenizer)
-        n_val = self.hparams.val_documents
+        n_val, every = self.hparams.val_documents, self.hparams.val_every
+        span = n_val * every  # the held-out documents all lie before this index
+
+        def held_out(i: int) -> bool:
+            return i < span and i % every == 0
+
         if split == "val":
-            return itertools.islice(docs, n_val)
-        return itertools.islice(docs, n_val, None)
+            return itertools.islice((d for i, d in enumerate(docs) if held_out(i)), n_val)
+        return (d for i, d in enumerate(docs) if not held_out(i))
 
     def rank_documents(self, skip: int = 0, start: int = 0) -> Iterator[str]:
         """This rank's training documents: number i (from ``start``) when i % world_size ==
