@@ -119,7 +119,9 @@ def saetrain_step(
     cfg = SAEConfig(d_in=d_in, num_latents=n, k=args.k, k_aux=d_in // 2, auxk_coef=AUXK_COEF)
     sae = SAE(cfg, device=x.device)
     sae.init_from_data(x)
-    opt = torch.optim.Adam(sae.parameters(), lr=default_lr(n), betas=(0.9, 0.999), eps=6.25e-10)
+    opt = torch.optim.Adam(
+        sae.parameters(), lr=default_lr(n), betas=(0.9, 0.999), eps=6.25e-10, fused=True
+    )  # as SAEModule.configure_optimizers
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(10**9, 100))
     since_fired = torch.zeros(n, dtype=torch.long, device=x.device)  # tokens since last fired
 

@@ -151,8 +151,8 @@ class SaetrainRun:
         self.sae = SAE(cfg, device=device)
         self.lr = default_lr(cfg.num_latents)
         self.opt = torch.optim.Adam(
-            self.sae.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=6.25e-10
-        )
+            self.sae.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True
+        )  # as SAEModule.configure_optimizers
         total, warmup = args.steps, min(args.warmup, args.steps)
         decay_from = max(warmup, int(0.8 * total))
 

@@ -389,7 +389,12 @@ class SAEModule(L.LightningModule):
         # One Adam, one parameter group per SAE with its own learning rate; Adam's update is
         # per tensor, so each SAE steps exactly as it would alone.
         groups = [{"params": list(t.sae.parameters()), "lr": t.lr} for t in self.trained]
-        opt = torch.optim.Adam(groups, betas=tuple(self.hparams.betas), eps=self.hparams.eps)
+        # The fused kernel: on this 2-core CPU 48 ms against 209 ms for the default loop over
+        # 2 x 16,384 x 576 parameters (a third of a training step); CUDA and CPU support it.
+        fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+        opt = torch.optim.Adam(
+            groups, betas=tuple(self.hparams.betas), eps=self.hparams.eps, fused=fused or None
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(self.hparams.warmup_steps, total)
         decay_from = max(warmup, int(self.hparams.decay_start * total))
