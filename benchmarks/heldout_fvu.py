@@ -5,7 +5,8 @@
 Reads the SAE's own model, layer and data source from its ``cfg.json``, computes activations
 the way training does (special tokens, position 0 and massive-activation outliers excluded) for
 three document sets, and prints FVU, L0 and the fraction of latents that never fire:
-the first ``--val-documents`` documents (the recipe's validation set), the last ``--tail``
+the first ``--val-documents`` documents (held out only when the recipe's ``val_every`` is 1;
+the quickstart's are every 50th document), the last ``--tail``
 documents of the source, and every ``--stride``-th document from ``--from-doc`` on.
 """
 
@@ -67,7 +68,7 @@ def main() -> None:
     )
     docs = list(iter_documents(TextSource(**meta["data"]), tokenizer))
     sets = {
-        f"first {args.val_documents} (validation)": docs[: args.val_documents],
+        f"first {args.val_documents}": docs[: args.val_documents],
         f"last {args.tail}": docs[-args.tail :],
         f"every {args.stride}th from {args.from_doc}": docs[args.from_doc :: args.stride],
     }
