@@ -58,7 +58,7 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(
         start_new_session=True,
     )
     deadline = time.time() + 240
-    while not (run / "lightning" / "step10.ckpt").exists():
+    while not (run / "lightning" / "last.ckpt").exists():
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
         assert time.time() < deadline
         time.sleep(0.02)
@@ -79,7 +79,7 @@ def test_a_one_process_checkpoint_resumes_with_two_and_says_what_is_not_exact(
     run = tmp_path / "grow"
     cmd = fit_command(tiny_model_dir, chat_jsonl, tmp_path, "grow")
     cmd += ["--trainer.callbacks+=killers.Slow"]
-    proc = start_and_kill_when(cmd, run / "lightning" / "step10.ckpt", signal.SIGKILL, 0.0)
+    proc = start_and_kill_when(cmd, run / "lightning" / "last.ckpt", signal.SIGKILL, 0.0)
     assert proc.returncode == -signal.SIGKILL
     ckpt = run / "lightning" / "last.ckpt"
     steps_before = torch.load(ckpt, weights_only=False)["global_step"]

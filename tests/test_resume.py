@@ -200,7 +200,7 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights_bit_for_bit(
     run = tmp_path / "killed"
     cmd = fit_command(tiny_model_dir, chat_jsonl, tmp_path, "killed")
     cmd += ["--trainer.callbacks+=killers.Slow"]
-    proc = start_and_kill_when(cmd, run / "lightning" / "step10.ckpt", signal.SIGKILL, delay)
+    proc = start_and_kill_when(cmd, run / "lightning" / "last.ckpt", signal.SIGKILL, delay)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (run / "sae.safetensors").exists()
     done = resume(tiny_model_dir, chat_jsonl, tmp_path, "killed")
@@ -217,7 +217,7 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches(
     run = tmp_path / "term"
     cmd = fit_command(tiny_model_dir, chat_jsonl, tmp_path, "term")
     cmd += ["--trainer.callbacks+=killers.Slow"]
-    proc = start_and_kill_when(cmd, run / "lightning" / "step10.ckpt", signal.SIGTERM, 0.3)
+    proc = start_and_kill_when(cmd, run / "lightning" / "last.ckpt", signal.SIGTERM, 0.3)
     log = proc.stdout.read().decode()
     assert proc.returncode == 143, log[-3000:]
     assert "SIGTERM at step" in log
