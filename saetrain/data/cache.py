@@ -28,7 +28,6 @@ import os
 import shutil
 import sys
 import tempfile
-from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,8 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from .stream import HandedOut
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,6 @@ class CacheReader:
 
     # The position in the stream; with the buffer rows and the generator, the whole state.
     _FIELDS = ("epoch", "order", "next_shard", "open", "turn", "n", "pos", "served", "exhausted")
-    _KEEP = 4  # handed-out batches kept for a state "as of" an earlier batch (Lightning prefetches)
 
     def __init__(
         self,
@@ -253,9 +253,7 @@ class CacheReader:
         )
         self._files: dict[str, Any] = {}  # open safetensors handles, not part of the state
         self._buf: Tensor | None = None  # (buffer_size, d_in), allocated on the first read
-        self.handed_out = 0
-        self._recent: deque[Tensor] = deque(maxlen=self._KEEP)
-        self._replay: list[Tensor] = []  # batches handed out but not consumed, served first
+        self.handed_out = HandedOut()  # served again first after a resume: see state_dict
         self._start_epoch(0)
 
     @property
@@ -283,14 +281,9 @@ class CacheReader:
         self._gen = torch.Generator().manual_seed(seed)
 
     def __iter__(self) -> Iterator[Tensor]:
-        if not self._replay and self._exhausted and self._pos >= self._served:
+        if not self.handed_out.replay and self._exhausted and self._pos >= self._served:
             self._start_epoch(self._epoch + 1)
-        while True:
-            batch = self._replay.pop(0) if self._replay else self._next_batch()
-            if batch is None:
-                return
-            self.handed_out += 1
-            self._recent.append(batch)
+        while (batch := self.handed_out.next(self._next_batch)) is not None:
             yield batch
 
     def _next_batch(self) -> Tensor | None:
@@ -363,16 +356,9 @@ class CacheReader:
         batch handed out, counted since this reader was made or restored): the config, the
         shard sizes, the position fields, the buffer's rows (n, d_in), the generator, and the
         batches handed out after ``consumed``, which a restored reader serves first."""
-        consumed = self.handed_out if consumed is None else consumed
-        back = self.handed_out - consumed
-        if not 0 <= back <= len(self._recent):
-            raise ValueError(
-                f"cannot take the cache reader's state as of batch {consumed}: {self.handed_out}"
-                f" were handed out and only the last {len(self._recent)} are kept"
-            )
+        consumed, replay = self.handed_out.as_of(consumed, "the cache reader's")
         state = {f: copy.deepcopy(getattr(self, "_" + f)) for f in self._FIELDS}
         rows = self._buf[: self._n].clone() if self._buf is not None else torch.empty(0, self.d_in)
-        replay = list(self._recent)[len(self._recent) - back :] + self._replay
         return {
             **state,
             "config": dict(self.config),
@@ -400,9 +386,7 @@ class CacheReader:
         self._buf[: self._n] = state["buffer"]
         self._gen = torch.Generator()
         self._gen.set_state(state["generator"])
-        self._replay = list(state["replay"])
-        self._recent.clear()
-        self.handed_out = state["consumed"]
+        self.handed_out.restore(state["consumed"], list(state["replay"]))
 
 
 def _load_recipe(path: str) -> dict:

@@ -274,7 +274,7 @@ class ActivationDataModule(L.LightningDataModule):
         if self._resume is not None and self._resume["world_size"] == self.world_size:
             stream.load_state_dict(self._resume["streams"][self.rank])
         elif self._resume is not None:  # a fresh position; count on from the batches trained
-            stream.handed_out = self._resume["streams"][0]["consumed"]
+            stream.handed_out.restore(self._resume["streams"][0]["consumed"], [])
         self._resume = None
         self._stream = stream
         produced = 0

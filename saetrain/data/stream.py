@@ -33,9 +33,48 @@ from torch import Tensor
 
 from .activations import ActivationProducer, TokenStats, document_tokens
 
-# Handed-out batches kept for replay: Lightning prefetches one; keep a margin.
-_KEEP_HANDED_OUT = 4
 _TOKENIZE_DOCS = 64  # documents tokenized per tokenizer call, as pack_documents does
+
+
+class HandedOut:
+    """The batches a resumable iterator has handed out: a count, the last ``keep`` of them,
+    and those to serve again after a resume.
+
+    Lightning fetches a batch or two ahead of the one it trains on, so a state is taken "as of
+    ``consumed``" batches: the ones handed out beyond that are saved and served first again.
+    Shared by :class:`TrainStream` and :class:`~saetrain.data.cache.CacheReader`.
+    """
+
+    def __init__(self, keep: int = 4):  # Lightning prefetches one; keep a margin
+        self.count = 0
+        self.recent: deque[Tensor] = deque(maxlen=keep)
+        self.replay: deque[Tensor] = deque()
+
+    def next(self, produce: Callable[[], Tensor | None]) -> Tensor | None:
+        """A batch to replay if any, else ``produce()``'s; None when that is None."""
+        batch = self.replay.popleft() if self.replay else produce()
+        if batch is not None:
+            self.count += 1
+            self.recent.append(batch)
+        return batch
+
+    def as_of(self, consumed: int | None, what: str) -> tuple[int, list[Tensor]]:
+        """(consumed, the batches to serve again after a resume at it): those handed out
+        after batch ``consumed`` (default: none), then any still waiting from an earlier one."""
+        consumed = self.count if consumed is None else consumed
+        back = self.count - consumed
+        if not 0 <= back <= len(self.recent):
+            raise ValueError(
+                f"cannot take {what} state as of batch {consumed}: {self.count} were handed "
+                f"out and only the last {len(self.recent)} are kept"
+            )
+        return consumed, list(self.recent)[len(self.recent) - back :] + list(self.replay)
+
+    def restore(self, consumed: int, replay: list[Tensor]) -> None:
+        """Count on from ``consumed`` batches and serve ``replay`` first."""
+        self.count = consumed
+        self.recent.clear()
+        self.replay = deque(replay)
 
 
 class TrainStream:
@@ -93,10 +132,7 @@ class TrainStream:
         self.filled = 0
         self.ready: deque[Tensor] = deque()  # shuffled batches not yet handed out
         self.ended = False
-        # Handing out
-        self.handed_out = 0
-        self.recent: deque[Tensor] = deque(maxlen=_KEEP_HANDED_OUT)
-        self.replay: deque[Tensor] = deque()
+        self.handed_out = HandedOut()
 
     # ------------------------------------------------------------------ documents
 
@@ -201,16 +237,14 @@ class TrainStream:
         return self
 
     def __next__(self) -> Tensor:
-        if self.replay:
-            batch = self.replay.popleft()
-        else:
-            self._refill()
-            if not self.ready:
-                raise StopIteration
-            batch = self.ready.popleft()
-        self.handed_out += 1
-        self.recent.append(batch)
+        batch = self.handed_out.next(self._next_ready)
+        if batch is None:
+            raise StopIteration
         return batch
+
+    def _next_ready(self) -> Tensor | None:
+        self._refill()
+        return self.ready.popleft() if self.ready else None
 
     # ------------------------------------------------------------------ state
 
@@ -219,17 +253,8 @@ class TrainStream:
 
         Tensors are moved to the CPU; activations keep their dtype, so resuming is exact.
         """
-        consumed = self.handed_out if consumed is None else consumed
-        unconsumed = self.handed_out - consumed
-        if not 0 <= unconsumed <= len(self.recent):
-            raise ValueError(
-                f"cannot take the stream's state as of batch {consumed}: {self.handed_out} "
-                f"were handed out and only the last {len(self.recent)} are kept"
-            )
-        # Batches handed out but not trained on are served again first on resume, before
-        # any still waiting from an earlier resume.
-        handed_back = list(self.recent)[len(self.recent) - unconsumed :] if unconsumed else []
-        replay = handed_back + list(self.replay)
+        # Batches handed out but not trained on are served again first on resume.
+        consumed, replay = self.handed_out.as_of(consumed, "the stream's")
 
         def cpu(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.detach().cpu()
@@ -289,6 +314,4 @@ class TrainStream:
         self.ready = deque(b.to(device) for b in state["ready"])
         self.ended = state["ended"]
         self.generator.set_state(state["generator"])
-        self.replay = deque(b.to(device) for b in state["replay"])
-        self.recent.clear()
-        self.handed_out = state["consumed"]
+        self.handed_out.restore(state["consumed"], [b.to(device) for b in state["replay"]])
