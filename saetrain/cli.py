@@ -65,20 +65,32 @@ class ExportSAE(Callback):
 
 class SaveOnSigterm(Callback):
     """On SIGTERM (what cluster schedulers send before a kill), save ``last.ckpt`` at the end of
-    the current step; Lightning then stops the run and ``main`` exits with status 143."""
+    the current step, or when Lightning stops the run elsewhere (during validation, say);
+    ``main`` then exits with status 143."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.saved_step: int | None = None
+
+    def save(self, trainer) -> None:
+        if self.saved_step == trainer.global_step:
+            return
+        trainer.save_checkpoint(self.path)  # every rank takes part; rank 0 writes
+        self.saved_step = trainer.global_step
+        if trainer.is_global_zero:
+            print(
+                f"saetrain: SIGTERM at step {trainer.global_step}: saved {self.path}; resume "
+                f"with --ckpt_path {self.path}",
+                file=sys.stderr,
+            )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.received_sigterm:
-            trainer.save_checkpoint(self.path)  # every rank takes part; rank 0 writes
-            if trainer.is_global_zero:
-                print(
-                    f"saetrain: SIGTERM at step {trainer.global_step}: saved {self.path}; resume "
-                    f"with --ckpt_path {self.path}",
-                    file=sys.stderr,
-                )
+            self.save(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            self.save(trainer)
 
 
 def check_checkpoint(path: str | Path) -> None:
