@@ -4,6 +4,7 @@ with a chat template, all built from configs in a temporary folder; nothing is d
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import torch
 
@@ -19,6 +20,15 @@ WORDS = (
     "the cat dog sat on a mat and ran to see bird tree sky blue red green house car "
     "river stone light dark water fire small big quick slow happy sad one two three"
 ).split()
+
+
+TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+
+
+def tiny_fit_args(model_dir, data, out_dir, *extra) -> list[str]:
+    """``saetrain fit`` arguments for recipes/tiny.yaml on a test model and data file."""
+    data_args = ["--data.model", str(model_dir), "--data.source.path", str(data)]
+    return ["fit", "--config", str(TINY_RECIPE), *data_args, "--out_dir", str(out_dir), *extra]
 
 
 def make_tokenizer():

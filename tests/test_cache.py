@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lmfixtures import error_line
+from lmfixtures import error_line, tiny_fit_args
 from safetensors.torch import load_file
 
 from saetrain.cli import main
@@ -412,10 +412,7 @@ def test_the_cache_command_refuses_a_bad_recipe_or_a_used_folder(
 
 
 def fit_args(model_dir, data, out_dir, run_name, *extra) -> list[str]:
-    recipe = str(ROOT / "recipes" / "tiny.yaml")
-    data_args = ["--data.model", str(model_dir), "--data.source.path", str(data)]
-    run = ["--out_dir", str(out_dir), "--run_name", run_name]
-    return ["fit", "--config", recipe, *data_args, *run, *extra]
+    return tiny_fit_args(model_dir, data, out_dir, "--run_name", run_name, *extra)
 
 
 def test_fit_from_the_cache_trains_the_same_weights_as_fit_live(

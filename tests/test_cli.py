@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lmfixtures import error_line
+from lmfixtures import error_line, tiny_fit_args
 
 from saetrain import load_sae
 from saetrain.cli import main
@@ -20,19 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 
 
-def fit_args(model_dir, data, out_dir, *extra) -> list[str]:
-    return [
-        "fit",
-        "--config",
-        str(ROOT / "recipes" / "tiny.yaml"),
-        "--data.model",
-        str(model_dir),
-        "--data.source.path",
-        str(data),
-        "--out_dir",
-        str(out_dir),
-        *extra,
-    ]
+fit_args = tiny_fit_args
 
 
 @pytest.fixture(scope="module")

@@ -4,26 +4,21 @@ same weights as four separate runs on the same data, each with its own metrics a
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from lmfixtures import error_line
+from lmfixtures import error_line, tiny_fit_args
 from safetensors.torch import load_file
 
 from saetrain.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def fit_args(model_dir, data, out_dir, run_name, *extra) -> list[str]:
-    recipe = str(ROOT / "recipes" / "tiny.yaml")
-    data_args = ["--data.model", str(model_dir), "--data.source.path", str(data)]
-    run = ["--out_dir", str(out_dir), "--run_name", run_name, "--trainer.max_steps", "20"]
+    run = ["--run_name", run_name, "--trainer.max_steps", "20"]
     # With several layers a token that is an outlier at any layer is dropped at all of them,
     # so the comparison with single-layer runs keeps every token.
     same_data = ["--data.outlier_multiple", "null"]
-    return ["fit", "--config", recipe, *data_args, *run, *same_data, *extra]
+    return tiny_fit_args(model_dir, data, out_dir, *run, *same_data, *extra)
 
 
 def test_two_layers_by_two_sizes_in_one_pass_equal_four_separate_runs(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lmfixtures import error_line
+from lmfixtures import error_line, tiny_fit_args
 from safetensors.torch import load_file
 
 from saetrain.cli import main
@@ -33,7 +33,6 @@ from saetrain.data.lm import load_lm
 from saetrain.data.sources import TextSource, iter_documents
 from saetrain.data.stream import TrainStream
 
-ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
 
@@ -130,26 +129,12 @@ def test_ranks_stream_disjoint_documents_that_together_miss_none(tiny_model_dir,
 
 
 def fit_command(model_dir, data, out_dir, run_name, *extra) -> list[str]:
+    run = ["--run_name", run_name, "--trainer.max_steps", "60", "--checkpoint_every", "10"]
     return [
         sys.executable,
         "-m",
         "saetrain",
-        "fit",
-        "--config",
-        str(ROOT / "recipes" / "tiny.yaml"),
-        "--data.model",
-        str(model_dir),
-        "--data.source.path",
-        str(data),
-        "--out_dir",
-        str(out_dir),
-        "--run_name",
-        run_name,
-        "--trainer.max_steps",
-        "60",
-        "--checkpoint_every",
-        "10",
-        *extra,
+        *tiny_fit_args(model_dir, data, out_dir, *run, *extra),
     ]
 
 
