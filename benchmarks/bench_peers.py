@@ -63,9 +63,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
-import time
 import warnings
 from collections.abc import Callable
 
@@ -251,23 +249,15 @@ def floor_step(x: torch.Tensor, amp: torch.dtype, args: argparse.Namespace) -> S
 
 
 def best_times(fns: dict[str, Step], rounds: int) -> dict[str, float]:
-    """Seconds per call of each fn: one warm-up call, then the best of ``rounds`` interleaved.
+    """bench_kernels.best_times (seconds per call, best of ``rounds`` interleaved), after a
+    call of each fn that checks every training step ran its AuxK loss (non-zero)."""
+    from bench_kernels import best_times as interleaved_best_times
 
-    The warm-up also checks that every training step ran its AuxK loss (non-zero)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     for name, fn in fns.items():
         auxk = fn()
         if auxk is not None and not float(auxk) > 0:
             raise RuntimeError(f"{name}: the AuxK loss is {float(auxk)}, so it did not run")
-    best = {name: math.inf for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+    return interleaved_best_times(fns, rounds)
 
 
 def bench(dtype_name: str, device: torch.device, args: argparse.Namespace) -> None:

@@ -77,8 +77,9 @@ def make_module(d_in: int, variants: list[dict] | None = None) -> SAEModule:
     return SAEModule(d_in=d_in, sae_variants=variants, **model)
 
 
-def fit_rate(args, dm: ActivationDataModule, module: SAEModule) -> float:
-    """Activations per second of `fit` between step `warmup` and the last step."""
+def timed_fit(args, module: SAEModule, **data) -> float:
+    """Activations per second of ``trainer.fit(module, **data)`` between step ``warmup`` and
+    the last step (no logging, checkpoints or validation)."""
     timer = StepTimer(args.warmup)
     trainer = L.Trainer(
         accelerator="cpu",
@@ -90,8 +91,13 @@ def fit_rate(args, dm: ActivationDataModule, module: SAEModule) -> float:
         callbacks=[timer],
         limit_val_batches=0,
     )
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, **data)
     return args.steps * args.batch / (timer.end - timer.start)
+
+
+def fit_rate(args, dm: ActivationDataModule, module: SAEModule) -> float:
+    """Activations per second of `fit` between step `warmup` and the last step."""
+    return timed_fit(args, module, datamodule=dm)
 
 
 def lm_rate(dm: ActivationDataModule, tokens: int) -> float:
@@ -109,22 +115,11 @@ def lm_rate(dm: ActivationDataModule, tokens: int) -> float:
 
 def sae_step_rate(args, acts: torch.Tensor, d_in: int) -> float:
     """Activations per second of SAEModule's training step alone (optimizer included)."""
-    module = make_module(d_in)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=args.warmup + args.steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    timer = StepTimer(args.warmup)
-    trainer.callbacks.append(timer)
     batches = list(acts[: (acts.shape[0] // args.batch) * args.batch].split(args.batch))
     loader = itertools.islice(itertools.cycle(batches), args.warmup + args.steps)
-    trainer.fit(module, train_dataloaders=DataLoader(list(loader), batch_size=None))
-    return args.steps * args.batch / (timer.end - timer.start)
+    return timed_fit(
+        args, make_module(d_in), train_dataloaders=DataLoader(list(loader), batch_size=None)
+    )
 
 
 def main() -> None:
