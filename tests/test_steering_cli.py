@@ -38,8 +38,8 @@ def test_eval_refusal_sweeps_strengths_with_a_gate_and_writes_every_file(sae_dir
     out = tmp_path / "eval"
     gate = {
         "kind": "feature",
-        "val_positive": {"path": "builtin:harmful", "offset": 16, "limit": 3},
-        "val_negative": {"path": "builtin:harmless", "offset": 16, "limit": 3},
+        "val_positive": [{"path": "builtin:harmful", "offset": 16, "limit": 3}],
+        "val_negative": [{"path": "builtin:harmless", "offset": 16, "limit": 3}],
     }
     args = ["eval-refusal", "--sae", str(sae_dir), "--features", "[3]", "--op", "add"]
     args += ["--strength_unit", "absolute", "--strengths", "[2, 8]", "--gate", json.dumps(gate)]
@@ -55,6 +55,36 @@ def test_eval_refusal_sweeps_strengths_with_a_gate_and_writes_every_file(sae_dir
     assert 0 <= results["gate"]["fpr"] <= 1 and results["gate"]["chosen_on_validation"]
     assert len((out / "responses.jsonl").read_text().splitlines()) == 5 * 5
     assert "gate feature: threshold" in capsys.readouterr().out
+
+
+def test_a_probe_gate_never_trains_or_calibrates_on_an_evaluated_prompt(sae_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    gate = {
+        "kind": "probe",
+        "pool": "last",
+        "train_positive": [{"path": "builtin:harmful", "limit": 6}],
+        "train_negative": [{"path": "builtin:borderline-safe", "seed": 0, "limit": 6}],
+        "val_positive": [{"path": "builtin:harmful", "limit": 8}],
+        "val_negative": [{"path": "builtin:borderline-safe", "seed": 0, "offset": 6, "limit": 4}],
+        "compare_ungated": False,
+    }
+    args = ["eval-refusal", "--sae", str(sae_dir), "--features", "[3]", "--op", "add"]
+    args += ["--strength_unit", "absolute", "--strengths", "[2]", "--gate", json.dumps(gate)]
+    args += ["--unsafe", '[{"path": "builtin:harmful", "limit": 2}]']
+    args += ["--safe", '[{"path": "builtin:harmless", "limit": 2}]', "--out_dir", str(out), *FAST]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "left 2 of 6 gate train_positive prompts out" in printed
+    assert "left 2 of 8 gate val_positive prompts out" in printed
+    assert "train_negative prompts out" not in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["gate"]["n_positive"] == 6 and results["gate"]["n_negative"] == 4
+    assert {r["setting"] for r in results["rows"]} == {"baseline", "add x2 gated"}
+    # Every evaluated prompt left out: a clear error, not a gate fitted on nothing.
+    gate["train_positive"] = [{"path": "builtin:harmful", "limit": 2}]
+    args[args.index("--gate") + 1] = json.dumps(gate)
+    assert main(args) == 2
+    assert "gate.train_positive has no prompts left" in error_line(capsys)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])

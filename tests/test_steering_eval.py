@@ -258,6 +258,21 @@ def test_the_builtin_set_has_a_few_dozen_prompts_each_with_categories():
     assert all(reply for _, reply in harmless_pairs())
 
 
+def test_the_borderline_sets_pair_each_safe_request_with_an_unsafe_one_in_its_category():
+    safe = load_prompts(PromptSet("builtin:borderline-safe", seed=0))
+    unsafe = load_prompts(PromptSet("builtin:borderline-unsafe", seed=0))
+    assert len(safe) == len(unsafe) == 120
+    assert {r.label for r in safe} == {"safe"} and {r.label for r in unsafe} == {"unsafe"}
+    # The same seed shuffles both alike, so a seed/limit/offset split keeps the pairs together.
+    assert [r.category for r in safe] == [r.category for r in unsafe]
+    assert len({r.category for r in safe}) == 12
+    texts = [r.prompt for r in safe + unsafe] + [p for _, p in HARMFUL]
+    texts += [p for _, p, _ in HARMLESS]
+    assert len(set(texts)) == len(texts)
+    with pytest.raises(ValueError, match="builtin:borderline-safe"):
+        load_prompts(PromptSet("builtin:borderline"))
+
+
 def test_wilson_intervals_match_known_values():
     assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     lo, hi = wilson_interval(0, 10)

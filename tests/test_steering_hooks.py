@@ -18,7 +18,7 @@ from saetrain.steering import (
     generate,
     steer,
 )
-from saetrain.steering.gate import gate_scores
+from saetrain.steering.gate import gate_scores, pooled_activations
 from saetrain.steering.generate import left_pad, render
 from saetrain.steering.hooks import feature_values, usable_tokens
 
@@ -191,3 +191,38 @@ def test_a_fitted_probe_separates_the_labelled_prompts():
     probe = fit_probe(pooled, torch.cat([torch.ones(20), torch.zeros(20)]))
     scores = probe.score_pooled(pooled)
     assert (scores[:20] > probe.threshold).all() and (scores[20:] <= probe.threshold).all()
+
+
+@pytest.mark.parametrize("pool", ["mean", "last", "mean+last"])
+def test_a_probe_reads_the_prompt_as_an_unpadded_forward_shows_it(phi3, tokenizer, pool):
+    # What a probe gate reads during batched, left-padded generation equals what the layer
+    # outputs for each prompt alone: the mean over usable tokens and the prompt's last token.
+    sae = tiny_sae()
+    got = pooled_activations(phi3, tokenizer, PROMPTS, sae=sae, pool=pool, batch_size=3)
+    ignore = torch.tensor(tokenizer.all_special_ids)
+    for i, prompt in enumerate(PROMPTS):
+        ids, mask = batch(tokenizer, [prompt])
+        with torch.no_grad():
+            h = phi3(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        h = h.hidden_states[2]  # output of decoder layer 1, the SAE's layer
+        T = ids.shape[1]
+        keep = usable_tokens(
+            h, mask.bool(), input_ids=ids, ignore_ids=ignore, positions=torch.arange(T)[None]
+        )
+        parts = []
+        if pool != "last":
+            parts.append(h[0][keep[0]].mean(0))
+        if pool != "mean":
+            parts.append(h[0, -1])
+        torch.testing.assert_close(got[i], torch.cat(parts), atol=1e-4, rtol=1e-4)
+    assert got.shape == (3, 64 if pool == "mean+last" else 32)
+
+
+def test_a_last_token_probe_gate_opens_on_what_it_was_fitted_to_flag(phi3, tokenizer):
+    sae = tiny_sae()
+    feats = pooled_activations(phi3, tokenizer, PROMPTS, sae=sae, pool="last")
+    probe = fit_probe(feats, torch.tensor([1.0, 0.0, 1.0]), pool="last", l2=1e-4)
+    scores = gate_scores(probe, phi3, tokenizer, PROMPTS, sae=sae)
+    assert (scores > probe.threshold).tolist() == [True, False, True]
+    with pytest.raises(ValueError, match="pool must be mean, last or mean\\+last"):
+        fit_probe(feats, torch.tensor([1.0, 0.0, 1.0]), pool="max")

@@ -6,6 +6,8 @@ them sound alarming but are safe, as in XSTest), and refusal replies for teacher
 Use it as ``builtin:harmful`` / ``builtin:harmless`` wherever a prompt set path is asked for.
 It is for smoke tests and feature search, not a benchmark: 32 prompts each cannot separate
 rates a few points apart (a 95% interval at 16/32 is about +-17 points).
+
+Borderline requests for training and calibrating a gate are in :mod:`.borderline`.
 """
 
 from __future__ import annotations

@@ -11,16 +11,18 @@ nothing in the sequences it left closed::
     gens = generate(model, tok, prompts, sae=sae, interventions=[...], gate=gate)
 
 Two gates: :class:`FeatureGate` (an SAE latent's largest value over the prompt) and
-:class:`ProbeGate` (a logistic probe on the prompt's mean activation, fitted with
-:func:`fit_probe` on labelled prompts). The tokens read skip special and chat-template tokens,
-the first position and massive-activation outliers (see ``hooks.usable_tokens``).
+:class:`ProbeGate` (a logistic probe on the prompt's mean activation, its last token's, or
+both, fitted with :func:`fit_probe` on labelled prompts). The mean skips special tokens, the
+first position and massive-activation outliers (see ``hooks.usable_tokens``); the last token
+is the prompt's final one (for a chat template, the end of the assistant header), where the
+model has read the whole request before it answers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +31,8 @@ from .generate import generate
 from .hooks import feature_values
 from .stats import wilson_interval
 
+Pool = Literal["mean", "last", "mean+last"]
+
 
 class Gate(Protocol):
     """What :class:`~saetrain.steering.hooks.Steering` needs from a gate."""
@@ -36,9 +40,21 @@ class Gate(Protocol):
     threshold: float
     outlier_multiple: float | None
 
-    def scores(self, acts: Tensor, read: Tensor) -> Tensor:
-        """(B,) score of each row of ``acts`` (B, T, d_in) over the tokens where ``read``."""
+    def scores(self, acts: Tensor, read: Tensor, last: Tensor) -> Tensor:
+        """(B,) score of each row of ``acts`` (B, T, d_in) from the tokens where ``read`` and
+        the prompt's last token, where ``last`` (both (B, T) bool)."""
         ...
+
+
+def prompt_features(acts: Tensor, read: Tensor, last: Tensor, pool: Pool) -> Tensor:
+    """(B, d) or (B, 2d) what a probe reads: the mean over ``read`` tokens, the ``last`` token's
+    activation, or both side by side."""
+    parts = []
+    if pool in ("mean", "mean+last"):
+        parts.append(_pool(acts.float(), read, "mean"))
+    if pool in ("last", "mean+last"):
+        parts.append(torch.where(last.unsqueeze(-1), acts.float(), 0.0).sum(1))
+    return torch.cat(parts, -1)
 
 
 def _pool(values: Tensor, read: Tensor, reduce: str) -> Tensor:
@@ -70,7 +86,7 @@ class FeatureGate:
         self.sae, self.feature, self.threshold = sae, int(feature), float(threshold)
         self.reduce, self.outlier_multiple = reduce, outlier_multiple
 
-    def scores(self, acts: Tensor, read: Tensor) -> Tensor:
+    def scores(self, acts: Tensor, read: Tensor, last: Tensor | None = None) -> Tensor:
         B, T, d = acts.shape
         flat = acts.reshape(B * T, d).to(self.sae.device, self.sae.dtype)
         latent_acts, latent_indices = self.sae.encode(flat)  # (B*T, k) each
@@ -80,7 +96,8 @@ class FeatureGate:
 
 
 class ProbeGate(nn.Module):
-    """Logistic probe on the prompt's mean activation: score = w . (mean - mu) / sigma + b."""
+    """Logistic probe on what :func:`prompt_features` reads from the prompt (``pool``):
+    score = w . (features - mu) / sigma + b."""
 
     def __init__(
         self,
@@ -90,9 +107,13 @@ class ProbeGate(nn.Module):
         sigma: Tensor,
         threshold: float = 0.0,
         *,
+        pool: Pool = "mean",
         outlier_multiple: float | None = 10.0,
     ):
         super().__init__()
+        if pool not in get_args(Pool):
+            raise ValueError(f"pool must be mean, last or mean+last, got {pool!r}")
+        self.pool = pool
         self.register_buffer("weight", weight.float())  # (d,)
         self.register_buffer("mu", mu.float())  # (d,)
         self.register_buffer("sigma", sigma.float())  # (d,)
@@ -107,13 +128,16 @@ class ProbeGate(nn.Module):
         mu, sigma, w = (t.to(pooled.device) for t in (self.mu, self.sigma, self.weight))
         return ((pooled.float() - mu) / sigma) @ w + self.bias
 
-    def scores(self, acts: Tensor, read: Tensor) -> Tensor:
-        return self.score_pooled(_pool(acts.float(), read, "mean"))
+    def scores(self, acts: Tensor, read: Tensor, last: Tensor) -> Tensor:
+        return self.score_pooled(prompt_features(acts, read, last, self.pool))
 
 
-def fit_probe(pooled: Tensor, labels: Tensor, *, l2: float = 1e-2, steps: int = 100) -> ProbeGate:
-    """Fit a :class:`ProbeGate` (threshold 0, i.e. p = 0.5) on pooled prompt activations
-    (P, d) with 0/1 ``labels`` (P,) by L2-regularised logistic regression (L-BFGS)."""
+def fit_probe(
+    pooled: Tensor, labels: Tensor, *, pool: Pool = "mean", l2: float = 1e-2, steps: int = 100
+) -> ProbeGate:
+    """Fit a :class:`ProbeGate` (threshold 0, i.e. p = 0.5) on prompt features (P, d) read with
+    ``pool`` (see :func:`pooled_activations`) and 0/1 ``labels`` (P,), by L2-regularised
+    logistic regression (L-BFGS) on standardised features."""
     labels = torch.as_tensor(labels).float()
     if labels.numel() != pooled.shape[0] or set(labels.tolist()) != {0.0, 1.0}:
         raise ValueError("fit_probe needs one 0/1 label per prompt, with both labels present")
@@ -133,20 +157,20 @@ def fit_probe(pooled: Tensor, labels: Tensor, *, l2: float = 1e-2, steps: int = 
 
     with torch.enable_grad():
         opt.step(closure)
-    return ProbeGate(w.detach(), float(b.detach()), mu, sigma)
+    return ProbeGate(w.detach(), float(b.detach()), mu, sigma, pool=pool)
 
 
 class _Collect:
-    """A gate that never opens and keeps the pooled prompt activations it reads."""
+    """A gate that never opens and keeps the prompt features it reads."""
 
     threshold = float("inf")
 
-    def __init__(self, outlier_multiple: float | None):
-        self.outlier_multiple = outlier_multiple
+    def __init__(self, outlier_multiple: float | None, pool: Pool):
+        self.outlier_multiple, self.pool = outlier_multiple, pool
         self.pooled: list[Tensor] = []
 
-    def scores(self, acts: Tensor, read: Tensor) -> Tensor:
-        self.pooled.append(_pool(acts.float(), read, "mean").cpu())
+    def scores(self, acts: Tensor, read: Tensor, last: Tensor) -> Tensor:
+        self.pooled.append(prompt_features(acts, read, last, self.pool).cpu())
         return torch.zeros(acts.shape[0], device=acts.device)
 
 
@@ -172,10 +196,19 @@ def gate_scores(gate, model, tokenizer, prompts: Sequence, *, sae, layer=None, b
 
 
 def pooled_activations(
-    model, tokenizer, prompts: Sequence, *, sae, layer=None, batch_size=8, outlier_multiple=10.0
+    model,
+    tokenizer,
+    prompts: Sequence,
+    *,
+    sae,
+    layer=None,
+    batch_size=8,
+    outlier_multiple=10.0,
+    pool: Pool = "mean",
 ) -> Tensor:
-    """(P, d_in) mean residual activation over each prompt's read tokens (for :func:`fit_probe`)."""
-    collect = _Collect(outlier_multiple)
+    """(P, d_in) or (P, 2 d_in): each prompt's features as a probe gate reads them during
+    generation (:func:`prompt_features` with ``pool``), for :func:`fit_probe`."""
+    collect = _Collect(outlier_multiple, pool)
     _prompt_pass(model, tokenizer, sae, collect, prompts, layer, batch_size)
     return torch.cat(collect.pooled)
 

@@ -322,16 +322,18 @@ class Steering:
                     "`steer(...)` block so the gate sees the prompt before any cached step"
                 )
             return
-        read = real if lengths is None else real & (pos < lengths.unsqueeze(1))
+        prompt = real if lengths is None else real & (pos < lengths.unsqueeze(1))
+        last_pos = torch.where(prompt, pos, -1).amax(1, keepdim=True)  # (B, 1)
+        last = prompt & (pos == last_pos)
         read = usable_tokens(
             h,
-            read,
+            prompt,
             input_ids=self._call.get("input_ids"),
             ignore_ids=self.ignore_ids,
             positions=pos,
             outlier_multiple=self.gate.outlier_multiple,
         )
-        self.gate_scores = self.gate.scores(h, read).float()  # (B,)
+        self.gate_scores = self.gate.scores(h, read, last).float()  # (B,)
         self.gate_open = self.gate_scores > self.gate.threshold
 
 

@@ -5,7 +5,8 @@
 Reads CSV (XSTest, AdvBench, JailbreakBench, HarmBench), JSON (a list of strings or of
 objects, like refusal_direction's ``{instruction, category}``), JSONL, Parquet (WildGuardTest),
 a Hugging Face dataset id (``allenai/wildguardmix`` with ``subset: wildguardtest``), and the
-built-in sets ``builtin:harmful`` / ``builtin:harmless``. Columns are found by name unless
+built-in sets ``builtin:harmful`` / ``builtin:harmless`` / ``builtin:borderline-safe`` /
+``builtin:borderline-unsafe``. Columns are found by name unless
 mapped explicitly:
 
 | field    | tried in order (first present wins)                                     |
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import builtin
+from . import borderline, builtin
 
 PROMPT_COLUMNS = (
     "prompt",
@@ -47,6 +48,13 @@ TURNS_COLUMNS = ("turns", "messages", "conversation", "conversations")
 Format = Literal["auto", "csv", "json", "jsonl", "parquet", "hf"]
 _SUFFIXES = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _SUFFIXES[".parquet"] = "parquet"
+BUILTIN_SETS = {
+    "harmful": (builtin.harmful_prompts, "unsafe"),
+    "harmless": (builtin.harmless_prompts, "safe"),
+    "borderline-safe": (borderline.borderline_safe_prompts, "safe"),
+    "borderline-unsafe": (borderline.borderline_unsafe_prompts, "unsafe"),
+}
+"""Sets written for saetrain, by the name that follows ``builtin:`` in a prompt set's path."""
 
 
 @dataclass
@@ -54,8 +62,8 @@ class PromptSet:
     """Where a set of prompts comes from and how to read it."""
 
     path: str = "builtin:harmful"
-    """A .csv/.json/.jsonl/.parquet file, a Hugging Face dataset id, or builtin:harmful /
-    builtin:harmless."""
+    """A .csv/.json/.jsonl/.parquet file, a Hugging Face dataset id, or builtin:harmful,
+    builtin:harmless, builtin:borderline-safe or builtin:borderline-unsafe."""
     name: str | None = None
     """Name in reports; default: the file's stem (or the builtin set's name)."""
     format: Format = "auto"
@@ -234,15 +242,15 @@ def load_prompts(spec: PromptSet) -> list[PromptRecord]:
     """The records of ``spec``, filtered by label, shuffled, offset and limited as it says."""
     if spec.path.startswith("builtin:"):
         which = spec.path.removeprefix("builtin:")
-        if which not in ("harmful", "harmless"):
+        if which not in BUILTIN_SETS:
             raise ValueError(
-                f"unknown built-in set {spec.path!r}: use builtin:harmful or builtin:harmless"
+                f"unknown built-in set {spec.path!r}: use one of "
+                + ", ".join(f"builtin:{name}" for name in BUILTIN_SETS)
             )
-        pairs = builtin.harmful_prompts() if which == "harmful" else builtin.harmless_prompts()
-        label = "unsafe" if which == "harmful" else "safe"
+        pairs, label = BUILTIN_SETS[which]
         records = [
             PromptRecord(p, category=c, label=label, id=f"{which}-{i}")
-            for i, (c, p) in enumerate(pairs)
+            for i, (c, p) in enumerate(pairs())
         ]
     else:
         records = [_record(row, i, spec) for i, row in enumerate(_rows(spec))]
