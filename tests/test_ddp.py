@@ -1,12 +1,15 @@
 """Two-process DDP on CPU (gloo), through ``python -m saetrain fit`` as a user runs it: it
 trains, each rank streams its own documents, the ranks agree on the dead-latent counters,
-and a run killed mid-way resumes to the same weights as one that never stopped."""
+a run killed mid-way resumes to the same weights as one that never stopped, and two nodes
+launched by torchrun train what two local processes do."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -92,3 +95,36 @@ def test_a_one_process_checkpoint_resumes_with_two_and_says_what_is_not_exact(
     extra = json.loads((run / "cfg.json").read_text())["extra"]
     assert extra["steps"] == 40
     assert extra["tokens_seen"] == steps_before * 128 + (40 - steps_before) * 128 * 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_launched_by_torchrun_train_the_same_weights_as_two_local_processes(
+    ddp_whole, tiny_model_dir, chat_jsonl, tmp_path
+):
+    # Multi-node as a cluster runs it: one torchrun per node (here both on this machine), and
+    # Lightning reads the ranks from torchrun's environment. Two nodes of one process each
+    # are the same two ranks as one node with two, so the weights must agree bit for bit.
+    port = str(free_port())
+    fit = fit_command(tiny_model_dir, chat_jsonl, tmp_path, "nodes", *DDP)[3:]
+    fit += ["--trainer.num_nodes", "2", "--trainer.devices", "1"]
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
+            + ["--node_rank", str(rank), "--nproc_per_node", "1", "--master_addr", "127.0.0.1"]
+            + ["--master_port", port, "-m", "saetrain", *fit],
+            env=run_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err.decode()[-3000:]
+    want, got = final_weights(ddp_whole), final_weights(tmp_path / "nodes")
+    assert all(torch.equal(got[name], want[name]) for name in want)

@@ -261,7 +261,7 @@ def test_the_builtin_set_has_a_few_dozen_prompts_each_with_categories():
 def test_the_borderline_sets_pair_each_safe_request_with_an_unsafe_one_in_its_category():
     safe = load_prompts(PromptSet("builtin:borderline-safe", seed=0))
     unsafe = load_prompts(PromptSet("builtin:borderline-unsafe", seed=0))
-    assert len(safe) == len(unsafe) == 120
+    assert len(safe) == len(unsafe) == 240
     assert {r.label for r in safe} == {"safe"} and {r.label for r in unsafe} == {"unsafe"}
     # The same seed shuffles both alike, so a seed/limit/offset split keeps the pairs together.
     assert [r.category for r in safe] == [r.category for r in unsafe]
