@@ -1,6 +1,9 @@
 """Command line: ``python -m saetrain fit --config recipes/quickstart.yaml`` (LightningCLI).
 
-``fit`` trains, ``validate`` measures a checkpoint on held-out activations. Dotted overrides
+``fit`` trains, ``validate`` measures a checkpoint on held-out activations. Several processes:
+``--trainer.strategy ddp`` replicates the SAEs, ``--trainer.strategy fsdp2`` shards them
+(:class:`FSDP2Strategy`); Lightning's own ``fsdp`` (FSDP1, flat parameters cut across rows) is
+refused. Dotted overrides
 (``--model.k 64``) and ``--print_config`` come from LightningCLI. Each run lives in
 ``<out_dir>/<run_name>/``: the resolved ``config.yaml``, TensorBoard events, Lightning
 checkpoints under ``lightning/`` (resume with ``--ckpt_path``), and at the end the exported SAE
@@ -22,6 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .data.datamodule import ActivationDataModule
@@ -34,6 +38,31 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line, exit status 2."""
 
 
+class FSDP2Strategy(ModelParallelStrategy):
+    """Every SAE sharded by rows over all processes with FSDP2 (``--trainer.strategy fsdp2``).
+
+    Lightning's ModelParallelStrategy with all ranks data-parallel (no tensor parallelism);
+    ``SAEModule.configure_model`` applies ``fully_shard``. Parameters, gradients and Adam's
+    state cost 1/world_size of the memory per rank, for SAEs too large to replicate (DDP).
+    Checkpoints are whole (gathered on rank 0, written atomically like DDP's), so a run
+    resumes with ``--ckpt_path`` under either strategy and any number of processes.
+    """
+
+    def __init__(self, **kwargs: Any):
+        kwargs = {"save_distributed_checkpoint": False, **kwargs}
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+if "fsdp2" not in StrategyRegistry:
+    StrategyRegistry.register(
+        "fsdp2", FSDP2Strategy, description="saetrain: SAEs sharded by rows with FSDP2"
+    )
+
+
 class ExportSAE(Callback):
     """Writes the trained SAE as ``cfg.json`` + ``sae.safetensors`` when training ends."""
 
@@ -41,14 +70,18 @@ class ExportSAE(Callback):
         self.run_dir = Path(run_dir)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: SAEModule) -> None:
-        if not trainer.is_global_zero or trainer.interrupted:
+        if trainer.interrupted:
+            return
+        # Sharded SAEs (fsdp2) are assembled by every rank together, then written by rank 0.
+        saes = [t.sae.gathered() for t in pl_module.trained]
+        if not trainer.is_global_zero:
             return
         dm = trainer.datamodule
         meta = dm.metadata() if hasattr(dm, "metadata") else {}
         layers = getattr(dm, "layers", [meta.get("layer")])
         meta.update(tokens_seen=int(pl_module.tokens_seen), steps=int(trainer.global_step))
         several = len(pl_module.trained) > 1
-        for t in pl_module.trained:
+        for i, t in enumerate(pl_module.trained):
             extra = {**meta, "dead_fraction": float(t.dead_mask.float().mean())}
             if len(layers) > 1:
                 extra.update(layer=layers[t.hook_index], hookpoint=t.hookpoint)
@@ -58,7 +91,7 @@ class ExportSAE(Callback):
                 extra["val_fvu"] = float(val_fvu)
             # One SAE: the run folder itself; several: one subfolder each, named after it.
             out = self.run_dir / t.name.replace("/", "__") if several else self.run_dir
-            path = t.sae.save(out, metadata=extra)
+            path = saes[i].save(out, metadata=extra)
             log.info("exported the SAE to %s", path)
             print(f"saetrain: exported the SAE to {path}", file=sys.stderr)
 
@@ -198,6 +231,13 @@ class SAETrainCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self._sub()
+        strategy = cfg.get("trainer", {}).get("strategy")
+        name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", "")
+        if name.startswith("fsdp") and name != "fsdp2" or name.endswith(".FSDPStrategy"):
+            raise UserError(
+                f"--trainer.strategy {name} (FSDP1) cuts the SAE's rows across ranks, which the "
+                "decoder-norm step cannot use: pass --trainer.strategy fsdp2 to shard the SAEs"
+            )
         run_dir = self.run_dir()
         finished = (run_dir / "sae.safetensors").exists() or any(
             (run_dir / "lightning").glob("*.ckpt")

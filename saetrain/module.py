@@ -8,6 +8,10 @@ leaves each SAE's gradients exactly what they would be alone. Adam with linear w
 decay to zero, one parameter group per SAE; the decoder's rows stay unit-norm (gradient
 projected before each step, rows renormalised after). Dead-latent counters are buffers, so
 they are saved in and restored from checkpoints.
+
+Under ``--trainer.strategy fsdp2`` (Lightning's ModelParallelStrategy) :meth:`configure_model`
+shards each SAE with FSDP2's ``fully_shard`` over the data-parallel ranks: parameters, gradients
+and Adam's state take 1/world_size of the memory each, by whole rows (see ``sae.py``).
 """
 
 from __future__ import annotations
@@ -164,6 +168,7 @@ class SAEModule(L.LightningModule):
             raise ValueError("model.sae_variants is empty: list at least one, or leave it unset")
         self.save_hyperparameters()
         self.saes: nn.ModuleDict | None = None
+        self._sharded = False
         self.metadata: dict = {}
         if d_in is not None:
             self.configure_model()
@@ -193,8 +198,25 @@ class SAEModule(L.LightningModule):
         return self.variant_config({})[0]
 
     def configure_model(self) -> None:
-        if self.saes is not None:
-            return
+        """Build the SAEs (once) and, under ``fsdp2``, shard each with ``fully_shard``."""
+        if self.saes is None:
+            self._build()
+        mesh = self._device_mesh
+        if mesh is not None and not self._sharded:
+            from torch.distributed.fsdp import fully_shard
+
+            names = mesh.mesh_dim_names or ()
+            if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+                raise ValueError(
+                    "tensor parallelism is not supported for SAEs: use the fsdp2 strategy "
+                    "(tensor_parallel_size 1)"
+                )
+            dp = mesh["data_parallel"] if "data_parallel" in names else mesh
+            for t in self.trained:
+                fully_shard(t.sae, mesh=dp)
+            self._sharded = True
+
+    def _build(self) -> None:
         hookpoints = self.hparams.hookpoints or ["sae"]
         variants = self.hparams.sae_variants or [{}]
         self.saes = nn.ModuleDict()
@@ -237,8 +259,7 @@ class SAEModule(L.LightningModule):
         for t in self.trained:
             x = t.inputs(batch)
             if not bool(t.sae.initialized):
-                t.sae.init_from_data(x)
-                self._sync_init(t.sae)
+                t.sae.set_init(*self._sync_init(*t.sae.data_init(x)))
             dead = t.dead_mask
             out = t.sae(x, dead_mask=dead)
             losses.append(out.fvu + t.sae.cfg.auxk_coef * out.auxk_loss)
@@ -281,12 +302,13 @@ class SAEModule(L.LightningModule):
     def _distributed() -> bool:
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
-    def _sync_init(self, sae: SAE) -> None:
+    def _sync_init(self, scale: Tensor, b_dec: Tensor) -> tuple[Tensor, Tensor]:
         """Average the data-dependent init over ranks, so all start from the same SAE."""
         if self._distributed():
-            for t in (sae.input_scale, sae.b_dec.data):
+            for t in (scale, b_dec):
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
                 t /= dist.get_world_size()
+        return scale, b_dec
 
     def on_train_end(self) -> None:
         """Check that every rank holds the same dead-latent counters (they are all-reduced)."""

@@ -12,6 +12,11 @@ decoder is ``x_hat = latent_acts @ W_dec[latent_indices] + b_dec``. Rows of ``W_
 unit norm: call :meth:`SAE.remove_parallel_grad` before each optimizer step and
 :meth:`SAE.normalize_decoder` after it. The sparse parts (top-k encoder backward, decode) run
 through :mod:`saetrain.kernels`.
+
+Under FSDP (``fully_shard``, as ``SAEModule`` applies it for ``--trainer.strategy fsdp2``) the
+parameters are row-sharded DTensors between steps: every rank holds whole rows of ``W_enc`` and
+``W_dec``, so the decoder-norm steps run on each rank's own rows, and :meth:`SAE.gathered`
+assembles the whole SAE for export.
 """
 
 from __future__ import annotations
@@ -26,6 +31,22 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from . import kernels
+
+try:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # torch built without distributed support
+    DTensor = distribute_tensor = FSDPModule = None
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's part of a sharded (DTensor) tensor, or ``t`` itself."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole of a sharded tensor (a collective: every rank must call it), or ``t``."""
+    return t.full_tensor() if DTensor is not None and isinstance(t, DTensor) else t
 
 SAE_WEIGHTS = "sae.safetensors"
 SAE_CONFIG = "cfg.json"
@@ -151,17 +172,39 @@ class SAE(nn.Module):
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
         """Set the input scale and ``b_dec`` from a sample of raw activations ``x`` (B, d_in)."""
+        self.set_init(*self.data_init(x))
+
+    @torch.no_grad()
+    def data_init(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The input scale () and ``b_dec`` (d_in,) that :meth:`init_from_data` would set."""
         x = x.to(self.device, torch.float32)
+        scale = torch.ones((), device=x.device)
         if self.cfg.normalize_activations:
             # Unit mean squared norm: E|x * s|^2 = 1.
-            self.input_scale.fill_(x.pow(2).sum(1).mean().clamp_min(1e-12).rsqrt().item())
-        x = x * self.input_scale
+            scale = x.pow(2).sum(1).mean().clamp_min(1e-12).rsqrt()
+        x = x * scale
         if self.cfg.b_dec_init == "mean":
-            self.b_dec.copy_(x.mean(0))
+            b_dec = x.mean(0)
         elif self.cfg.b_dec_init == "geometric_median":
-            self.b_dec.copy_(geometric_median(x))
+            b_dec = geometric_median(x)
         else:
-            self.b_dec.zero_()
+            b_dec = torch.zeros_like(x[0])
+        return scale, b_dec
+
+    @torch.no_grad()
+    def set_init(self, scale: Tensor, b_dec: Tensor) -> None:
+        """Set the input scale and ``b_dec`` (the same values on every rank when sharded)."""
+        if FSDPModule is not None and isinstance(self, FSDPModule):
+            # A root FSDP module stays unsharded after a forward without backward (validation):
+            # write into the sharded parameters, which the next forward gathers.
+            self.reshard()
+        self.input_scale.fill_(float(scale))
+        b_dec = b_dec.to(self.b_dec.device, self.b_dec.dtype)
+        if DTensor is not None and isinstance(self.b_dec, DTensor):
+            b_dec = distribute_tensor(
+                b_dec, self.b_dec.device_mesh, self.b_dec.placements, src_data_rank=None
+            )
+        self.b_dec.copy_(b_dec)
         self.initialized.fill_(True)
 
     def encode(
@@ -223,13 +266,24 @@ class SAE(nn.Module):
     @torch.no_grad()
     def remove_parallel_grad(self) -> None:
         """Drop the part of ``W_dec.grad`` parallel to each row (keeps rows on the unit sphere)."""
-        if self.W_dec.grad is not None:
-            kernels.project_decoder_grad_(self.W_dec, self.W_dec.grad)
+        if self.W_dec.grad is not None:  # sharded: this rank's rows, whole
+            kernels.project_decoder_grad_(_local(self.W_dec), _local(self.W_dec.grad))
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Rescale every row of ``W_dec`` to unit norm."""
-        kernels.normalize_decoder_(self.W_dec)
+        kernels.normalize_decoder_(_local(self.W_dec))
+
+    @torch.no_grad()
+    def gathered(self) -> SAE:
+        """This SAE with whole, unsharded tensors: itself unless FSDP shards it, else a copy
+        assembled from every rank's rows (a collective: every rank must call it)."""
+        if DTensor is None or not any(isinstance(p, DTensor) for p in self.parameters()):
+            return self
+        whole = SAE(self.cfg, device="cpu").to(self.dtype)
+        state = {name: _full(t).detach().cpu() for name, t in self.state_dict().items()}
+        whole.load_state_dict(state)
+        return whole
 
     @torch.no_grad()
     def folded_state_dict(self) -> dict[str, Tensor]:

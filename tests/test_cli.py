@@ -87,6 +87,7 @@ def test_a_finished_run_is_not_overwritten(trained_run, tiny_model_dir, chat_jso
         (["--model.bogus_key", "1"], "bogus_key"),
         (["--data.source.path", "/nonexistent/chats.jsonl"], "/nonexistent/chats.jsonl"),
         (["--data.model", "/nonexistent/model"], "cannot load model"),
+        (["--trainer.strategy", "fsdp"], "pass --trainer.strategy fsdp2 to shard the SAEs"),
     ],
 )
 def test_bad_input_gives_one_clear_line_and_nonzero_exit(

@@ -17,6 +17,7 @@ import torch
 from test_resume import final_weights, fit_command, run_env, start_and_kill_when
 
 DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "40"]
+FSDP = ["--trainer.strategy", "fsdp2"]  # after DDP: the last value wins
 
 
 def ddp_run(model_dir, data, out, name, *extra) -> subprocess.CompletedProcess:
@@ -46,11 +47,34 @@ def test_two_processes_train_on_disjoint_shards_and_agree_on_the_counters(ddp_wh
     assert abs(streams[0]["docs_read"] - streams[1]["docs_read"]) <= 1
 
 
+@pytest.fixture(scope="module")
+def fsdp_whole(tiny_model_dir, chat_jsonl, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    done = ddp_run(tiny_model_dir, chat_jsonl, out, "whole", *FSDP)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    return out / "whole"
+
+
+def test_fsdp2_shards_the_sae_and_trains_the_same_weights_as_ddp(fsdp_whole, ddp_whole):
+    # FSDP2 averages the gradients as DDP does and every rank updates whole rows of its
+    # shard, so the two must agree bit for bit; the checkpoint holds the whole SAE.
+    want, got = final_weights(ddp_whole), final_weights(fsdp_whole)
+    assert all(torch.equal(got[name], want[name]) for name in want)
+    state = torch.load(fsdp_whole / "lightning" / "last.ckpt", weights_only=False)["state_dict"]
+    assert state["saes.0_0.sae.W_dec"].shape == want["W_dec"].shape
+
+
+@pytest.mark.parametrize(
+    ("killed", "resumed"), [("ddp", "ddp"), ("fsdp2", "fsdp2"), ("fsdp2", "ddp")]
+)
 def test_a_killed_two_process_run_resumes_to_the_same_weights(
-    ddp_whole, tiny_model_dir, chat_jsonl, tmp_path
+    killed, resumed, ddp_whole, tiny_model_dir, chat_jsonl, tmp_path
 ):
+    # Under either strategy (their runs train the same weights, see above); an fsdp2
+    # checkpoint is whole, so it resumes under ddp too.
     run = tmp_path / "killed"
-    cmd = fit_command(tiny_model_dir, chat_jsonl, tmp_path, "killed", *DDP)
+    strategy = {"ddp": [], "fsdp2": FSDP}
+    cmd = fit_command(tiny_model_dir, chat_jsonl, tmp_path, "killed", *DDP, *strategy[killed])
     cmd += ["--trainer.callbacks+=killers.Slow"]
     # Its own process group: a kill takes every rank at once, as a scheduler's does.
     proc = subprocess.Popen(
@@ -70,7 +94,8 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(
     proc.wait(timeout=60)
     assert not (run / "sae.safetensors").exists(), "the run ended before it could be killed"
     ckpt = run / "lightning" / "last.ckpt"
-    done = ddp_run(tiny_model_dir, chat_jsonl, tmp_path, "killed", "--ckpt_path", str(ckpt))
+    resume = ["--ckpt_path", str(ckpt), *strategy[resumed]]
+    done = ddp_run(tiny_model_dir, chat_jsonl, tmp_path, "killed", *resume)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     want, got = final_weights(ddp_whole), final_weights(run)
     assert all(torch.equal(got[name], want[name]) for name in want)
