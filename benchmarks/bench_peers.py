@@ -81,7 +81,7 @@ from sae_lens.training.sae_trainer import SAETrainer  # noqa: E402
 from saetrain.kernels import get_backend  # noqa: E402
 
 from saetrain import SAE, SAEConfig  # noqa: E402
-from saetrain.module import default_lr  # noqa: E402
+from saetrain.module import default_lr, lr_factor  # noqa: E402
 
 Step = Callable[[], torch.Tensor | None]  # returns the step's AuxK loss, if any
 AUXK_COEF = 1 / 32  # saetrain's default auxk_coef (Gao et al.), used for sparsify's auxk_alpha
@@ -92,20 +92,6 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
-
-
-def linear_warmup_decay(total: int, warmup: int, decay_start: float = 0.8) -> Callable:
-    """SAEModule's default schedule: linear warm-up, then linear decay to 0 from 80%."""
-    decay_from = max(warmup, int(decay_start * total))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if step < decay_from:
-            return 1.0
-        return max(0.0, 1.0 - (step - decay_from) / max(1, total - decay_from))
-
-    return factor
 
 
 def saetrain_step(
@@ -120,7 +106,7 @@ def saetrain_step(
     opt = torch.optim.Adam(
         sae.parameters(), lr=default_lr(n), betas=(0.9, 0.999), eps=6.25e-10, fused=True
     )  # as SAEModule.configure_optimizers
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(10**9, 100))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(10**9, 100))
     since_fired = torch.zeros(n, dtype=torch.long, device=x.device)  # tokens since last fired
 
     def step() -> torch.Tensor:

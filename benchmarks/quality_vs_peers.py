@@ -144,7 +144,7 @@ class SaetrainRun:
 
     def __init__(self, d_in: int, args: argparse.Namespace, device: torch.device):
         from saetrain import SAEConfig
-        from saetrain.module import default_lr
+        from saetrain.module import default_lr, lr_factor
 
         torch.manual_seed(args.seed)
         cfg = SAEConfig(d_in, args.num_latents, k=args.k, dead_tokens_threshold=args.dead_tokens)
@@ -155,14 +155,7 @@ class SaetrainRun:
         )  # as SAEModule.configure_optimizers
         total, warmup = args.steps, min(args.warmup, args.steps)
         decay_from = max(warmup, int(0.8 * total))
-
-        def factor(step: int) -> float:  # SAEModule.configure_optimizers, lr_decay="linear"
-            if step < warmup:
-                return (step + 1) / warmup
-            if step < decay_from:
-                return 1.0
-            return max(0.0, 1.0 - (step - decay_from) / max(1, total - decay_from))
-
+        factor = lr_factor(total, warmup)  # SAEModule.configure_optimizers, lr_decay="linear"
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
         self.since_fired = torch.zeros(cfg.num_latents, dtype=torch.long, device=device)
         self.settings = {

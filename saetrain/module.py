@@ -41,6 +41,31 @@ def default_lr(num_latents: int, base: float = 2e-3) -> float:
     return base / math.sqrt(num_latents / 2**14)
 
 
+def lr_factor(
+    total: int,
+    warmup: int,
+    decay: Literal["linear", "cosine", "constant"] = "linear",
+    decay_start: float = 0.8,
+):
+    """The learning-rate multiplier of each step (for ``LambdaLR``): linear warm-up over
+    ``warmup`` steps, then constant until ``decay_start`` of the ``total`` steps, then a linear
+    or cosine decay to zero at the last step (or no decay)."""
+    warmup = min(warmup, total)
+    decay_from = max(warmup, int(decay_start * total))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if decay == "constant" or step < decay_from:
+            return 1.0
+        t = (step - decay_from) / max(1, total - decay_from)
+        if decay == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+        return max(0.0, 1.0 - t)
+
+    return factor
+
+
 class FVU(Metric):
     """Fraction of variance unexplained over a whole data set (not a mean of batch FVUs):
     sum |x - x_hat|^2 / sum |x - mean(x)|^2, with the mean over all tokens seen."""
@@ -418,19 +443,7 @@ class SAEModule(L.LightningModule):
             groups, betas=tuple(self.hparams.betas), eps=self.hparams.eps, fused=fused or None
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(self.hparams.warmup_steps, total)
-        decay_from = max(warmup, int(self.hparams.decay_start * total))
-        kind = self.hparams.lr_decay
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if kind == "constant" or step < decay_from:
-                return 1.0
-            t = (step - decay_from) / max(1, total - decay_from)
-            if kind == "cosine":
-                return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-            return max(0.0, 1.0 - t)
-
+        hp = self.hparams
+        factor = lr_factor(total, hp.warmup_steps, hp.lr_decay, hp.decay_start)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -48,6 +48,7 @@ def _full(t: Tensor) -> Tensor:
     """The whole of a sharded tensor (a collective: every rank must call it), or ``t``."""
     return t.full_tensor() if DTensor is not None and isinstance(t, DTensor) else t
 
+
 SAE_WEIGHTS = "sae.safetensors"
 SAE_CONFIG = "cfg.json"
 

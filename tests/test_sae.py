@@ -152,3 +152,19 @@ def test_sae_trains_without_lightning_and_lowers_fvu():
         opt.zero_grad()
         sae.normalize_decoder()
     assert sae(sample(2048)).fvu.item() < 0.5 * first
+
+
+@pytest.mark.parametrize("decay", ["linear", "cosine", "constant"])
+def test_the_learning_rate_warms_up_then_decays_to_zero_at_the_last_step(decay):
+    from saetrain.module import lr_factor
+
+    f = lr_factor(total=100, warmup=10, decay=decay, decay_start=0.5)
+    assert [f(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert f(10) == f(49) == f(50) == 1.0  # constant until half the run
+    if decay == "constant":
+        assert f(99) == f(100) == 1.0
+    else:
+        assert 0 < f(75) < 1 and f(100) == pytest.approx(0.0, abs=1e-12)
+        assert f(75) == pytest.approx(0.5)  # halfway through the decay, for both shapes
+        assert all(f(s) >= f(s + 1) for s in range(10, 100))
+    assert lr_factor(total=5, warmup=10)(4) == 1.0  # warm-up never outlasts the run

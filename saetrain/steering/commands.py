@@ -151,14 +151,14 @@ class GateConfig:
     train_positive: list[PromptSet] = field(
         default_factory=lambda: [
             PromptSet("builtin:harmful", limit=16),
-            PromptSet("builtin:borderline-unsafe", seed=0, limit=60),
+            PromptSet("builtin:borderline-unsafe", seed=0, limit=120),
         ]
     )
     """Probe training prompts that should open the gate."""
     train_negative: list[PromptSet] = field(
         default_factory=lambda: [
             PromptSet("builtin:harmless", limit=16),
-            PromptSet("builtin:borderline-safe", seed=0, limit=60),
+            PromptSet("builtin:borderline-safe", seed=0, limit=120),
         ]
     )
     """Probe training prompts that should not. Borderline requests (safe ones that sound
@@ -166,14 +166,14 @@ class GateConfig:
     val_positive: list[PromptSet] = field(
         default_factory=lambda: [
             PromptSet("builtin:harmful", offset=16),
-            PromptSet("builtin:borderline-unsafe", seed=0, offset=60),
+            PromptSet("builtin:borderline-unsafe", seed=0, offset=120),
         ]
     )
     """Validation prompts that should open the gate (threshold and its rates)."""
     val_negative: list[PromptSet] = field(
         default_factory=lambda: [
             PromptSet("builtin:harmless", offset=16),
-            PromptSet("builtin:borderline-safe", seed=0, offset=60),
+            PromptSet("builtin:borderline-safe", seed=0, offset=120),
         ]
     )
     """Validation prompts that should not. Prompts that are also in an evaluated set are
