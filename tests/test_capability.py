@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from lmfixtures import error_line
 from saetrain import SAE, SAEConfig
 from saetrain.cli import main
 from saetrain.data.lm import decoder_layers, load_lm
-from saetrain.steering import Intervention
+from saetrain.steering import FeatureGate, Intervention
 from saetrain.steering.callback import loss_recovered, splice_losses
 from saetrain.steering.capability import evaluate_capability, interval
 from saetrain.steering.evaluate import Setting
@@ -123,9 +124,13 @@ def steered_run(tiny_model_dir, sae_dir, data, tmp_path_factory):
     before = model(ids).logits
     kw = dict(limit=3, mmlu_shots=1, gsm8k_shots=1, max_gen_toks=4)
     tasks = resolve_tasks(TASKS, data, out / "tasks", **kw)
+    ivs = [Intervention([3, 5], "add", 8.0)]
     settings = [
         Setting("baseline"),
-        Setting("add x8", [Intervention([3, 5], "add", 8.0)], strength=8),
+        Setting("add x8", ivs, strength=8),
+        # Gates that open on every request and on none: steered and baseline, exactly.
+        Setting("open gate", ivs, FeatureGate(sae, 3, threshold=-math.inf), 8, "gated"),
+        Setting("shut gate", ivs, FeatureGate(sae, 3, threshold=math.inf), 8, "gated"),
     ]
     rows = evaluate_capability(
         model,
@@ -145,9 +150,8 @@ def steered_run(tiny_model_dir, sae_dir, data, tmp_path_factory):
 @needs_lm_eval
 def test_lm_eval_scores_local_tasks_under_steering_within_range(steered_run):
     _, _, _, rows, _ = steered_run
-    assert [(r["setting"], r["task"]) for r in rows] == [
-        (s, t) for s in ("baseline", "add x8") for t in TASKS
-    ]
+    settings = ("baseline", "add x8", "open gate", "shut gate")
+    assert [(r["setting"], r["task"]) for r in rows] == [(s, t) for s in settings for t in TASKS]
     for r in rows:
         assert r["n"] == 3 and 0 <= r["ci_low"] <= r["value"] <= r["ci_high"] <= 1
     kinds = {r["task"]: r["interval"] for r in rows}
@@ -157,7 +161,10 @@ def test_lm_eval_scores_local_tasks_under_steering_within_range(steered_run):
         "truthfulqa_mc1": "wilson",
         "truthfulqa_mc2": "normal",
     }
-    assert rows[0]["loss_delta"] == 0 and rows[-1]["loss_delta"] != 0
+    loss = {r["setting"]: r["loss_delta"] for r in rows}
+    assert loss["baseline"] == loss["shut gate"] == 0 and loss["add x8"] == loss["open gate"] != 0
+    opened = {r["setting"]: r["gate_open_rate"] for r in rows}
+    assert opened == {"baseline": None, "add x8": None, "open gate": 1.0, "shut gate": 0.0}
 
 
 @needs_lm_eval
@@ -166,7 +173,9 @@ def test_steering_changes_loglikelihoods_and_its_hooks_are_gone_afterwards(steer
     lines = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     mmlu = [x for x in lines if x["task"] == "saetrain_mmlu"]
     ll = {(x["setting"], x["doc_id"]): [c[0] for c in x["filtered_resps"]] for x in mmlu}
-    assert len(ll) == 6 and all(ll["baseline", i] != ll["add x8", i] for i in range(3))
+    assert len(ll) == 12 and all(ll["baseline", i] != ll["add x8", i] for i in range(3))
+    assert all(ll["open gate", i] == ll["add x8", i] for i in range(3))
+    assert all(ll["shut gate", i] == ll["baseline", i] for i in range(3))
     assert not model._forward_hooks and not model._forward_pre_hooks
     assert not any(block._forward_hooks for block in decoder_layers(model))
     torch.testing.assert_close(model(ids).logits, before)
@@ -230,6 +239,23 @@ def test_eval_capability_cli_writes_results_summary_and_the_tradeoff_plot(
     scores = json.loads((out / "capability.json").read_text())
     assert set(scores) == {"baseline", "add x6"} and all(0 <= v <= 1 for v in scores.values())
     assert "| add x6 |" in capsys.readouterr().out
+    # With a gate: gated rows, the gate's own rates on its validation prompts, its open rate.
+    gate = {
+        "kind": "probe",
+        "train_positive": [{"path": "builtin:harmful", "limit": 6}],
+        "train_negative": [{"path": "builtin:harmless", "limit": 6}],
+        "val_positive": [{"path": "builtin:harmful", "offset": 6, "limit": 4}],
+        "val_negative": [{"path": "builtin:harmless", "offset": 6, "limit": 4}],
+    }
+    gated = tmp_path / "gated"
+    args += ["--gate", json.dumps(gate), "--out_dir", str(gated)]
+    assert main(args) == 0
+    scores = json.loads((gated / "capability.json").read_text())
+    assert set(scores) == {"baseline", "add x6", "add x6 gated"}
+    assert json.loads((gated / "gate.json").read_text())["n_positive"] == 4
+    rows = json.loads((gated / "results.json").read_text())["rows"]
+    assert all(0 <= r["gate_open_rate"] <= 1 for r in rows if r["setting"] == "add x6 gated")
+    assert "gate open" in (gated / "summary.md").read_text()
 
 
 @pytest.mark.parametrize(

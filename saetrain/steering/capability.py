@@ -33,8 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from .commands import (
+    GateConfig,
     SteeringSpec,
     Target,
+    _gate,
     _interventions,
     _load,
     _save_config,
@@ -165,7 +167,14 @@ def evaluate_capability(
         for setting in settings:
             steering = None
             if not setting.is_baseline:
-                steering = Steering(model, sae, setting.interventions, layer=layer)
+                steering = Steering(
+                    model,
+                    sae,
+                    setting.interventions,
+                    layer=layer,
+                    gate=setting.gate,
+                    ignore_ids=tokenizer.all_special_ids,
+                )
             log.info("lm-eval: %s", setting.name)
             out: dict[str, dict] = {"results": {}, "samples": {}, "n-samples": {}}
             with steering if steering else contextlib.nullcontext():
@@ -182,9 +191,14 @@ def evaluate_capability(
                     )
                     for key, value in out.items():
                         value.update(part[key])
+            gate_open_rate = None
+            if steering is not None and setting.gate is not None:
+                gate_open_rate = steering.gate_opens / max(1, steering.gate_reads)
             loss = None
             if fluency_pairs:
-                kw = dict(sae=sae, interventions=setting.interventions) if steering else {}
+                kw = {}
+                if steering is not None:
+                    kw = dict(sae=sae, interventions=setting.interventions, gate=setting.gate)
                 loss = reply_loss(
                     model, tokenizer, fluency_pairs, layer=layer, batch_size=batch_size, **kw
                 )
@@ -207,6 +221,7 @@ def evaluate_capability(
                         "ci_high": hi,
                         "interval": kind,
                         "n": len(values),
+                        "gate_open_rate": gate_open_rate,
                         "other_metrics": other,
                         "loss": loss,
                         "loss_delta": None if None in (loss, base_loss) else loss - base_loss,
@@ -240,7 +255,7 @@ def markdown_summary(rows: Sequence[dict]) -> str:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     scores = capability_scores(rows)
-    head = ["setting", *[f"{t}" for t in tasks], "mean", "loss delta"]
+    head = ["setting", *[f"{t}" for t in tasks], "mean", "loss delta", "gate open"]
     lines = ["# Capability under steering", ""]
     lines += ["Scores with 95% intervals (Wilson for accuracies, normal for MC2).", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -253,8 +268,10 @@ def markdown_summary(rows: Sequence[dict]) -> str:
             text = f"{r['value']:.1%} [{r['ci_low']:.1%}, {r['ci_high']:.1%}] (n={r['n']})"
             cells.append(text if ok else "")
         cells.append(f"{scores[s]:.1%}" if s in scores else "")
-        delta = next(iter(mine.values()))["loss_delta"]
+        first = next(iter(mine.values()))
+        delta, opened = first["loss_delta"], first.get("gate_open_rate")
         cells.append("" if delta is None else f"{delta:+.3f}")
+        cells.append("" if opened is None else f"{opened:.1%}")
         lines.append("| " + " | ".join(cells) + " |")
     metrics = {r["task"]: f"{r['metric']} ({r['source']})" for r in rows}
     lines += ["", "Metrics: " + "; ".join(f"{t}: {m}" for t, m in metrics.items())]
@@ -289,6 +306,9 @@ class EvalCapabilityConfig(SteeringSpec, Target):
     """Put each question through the model's chat template (lm-eval's apply_chat_template)."""
     fluency_loss: bool = True
     """Measure the next-token loss on the built-in harmless replies under each setting."""
+    gate: GateConfig | None = None
+    """Conditional steering, as in eval-refusal: each lm-eval request (few-shot context, question
+    and the scored answer) is one sequence the gate reads; null steers every request."""
     refusal_results: str | None = None
     """results.json of `saetrain eval-refusal` on the same settings: plot refusal against capability
     (tradeoff.png)."""
@@ -345,9 +365,16 @@ def run_eval_capability(argv: list[str]) -> None:
     settings = [Setting("baseline")]
     if cfg.features:
         units = _units(cfg, sae, model, tokenizer)
+        gate = None
+        if cfg.gate is not None:
+            gate, gate_info = _gate(cfg, sae, model, tokenizer, held_out=set())
+            (out / "gate.json").write_text(json.dumps(gate_info, indent=2) + "\n")
         for s in cfg.strengths:
             ivs = _interventions(cfg, units, s)
-            settings.append(Setting(f"{cfg.op} x{s:g}", ivs, strength=s))
+            if gate is None or cfg.gate.compare_ungated:
+                settings.append(Setting(f"{cfg.op} x{s:g}", ivs, strength=s, series="steered"))
+            if gate is not None:
+                settings.append(Setting(f"{cfg.op} x{s:g} gated", ivs, gate, s, series="gated"))
     rows = evaluate_capability(
         model,
         tokenizer,

@@ -365,7 +365,7 @@ def _gate_prompts(specs: list[PromptSet], held_out: set, what: str) -> list:
     kept = [p for p in inputs if _key(p) not in held_out]
     if len(kept) < len(inputs):
         print(
-            f"saetrain eval-refusal: left {len(inputs) - len(kept)} of {len(inputs)} gate "
+            f"saetrain: left {len(inputs) - len(kept)} of {len(inputs)} gate "
             f"{what} prompts out: they are also in an evaluated set"
         )
     if not kept:
@@ -399,7 +399,7 @@ def _gate(cfg: EvalRefusalConfig, sae, model, tokenizer, held_out: set):
     vpos = _gate_prompts(g.val_positive, held_out, "val_positive")
     vneg = _gate_prompts(g.val_negative, held_out, "val_negative")
     cal = calibrate(gate, model, tokenizer, vpos, vneg, max_fpr=g.max_fpr, **kw)
-    print(f"saetrain eval-refusal: gate {g.kind}: {cal}")
+    print(f"saetrain: gate {g.kind}: {cal}")
     return gate, {**dataclasses.asdict(cal), "chosen_on_validation": True}
 
 

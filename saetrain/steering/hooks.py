@@ -186,6 +186,7 @@ class Steering:
         ignore_ids: token ids a gate never reads (special and chat-template tokens).
     Attributes the hooks fill in:
         gate_scores, gate_open: (B,) gate score and decision for the current batch.
+        gate_reads, gate_opens: sequences the gate has scored so far, and opened.
         edited_tokens: number of token positions edited so far.
     """
 
@@ -206,6 +207,7 @@ class Steering:
         self.ignore_ids = None if ignore_ids is None else torch.tensor(sorted(set(ignore_ids)))
         self.gate_scores: Tensor | None = None
         self.gate_open: Tensor | None = None
+        self.gate_reads = self.gate_opens = 0
         self.edited_tokens = 0
         self._call: dict = {}
         self._handles: list = []
@@ -323,8 +325,14 @@ class Steering:
                 )
             return
         prompt = real if lengths is None else real & (pos < lengths.unsqueeze(1))
-        last_pos = torch.where(prompt, pos, -1).amax(1, keepdim=True)  # (B, 1)
-        last = prompt & (pos == last_pos)
+        # The prompt's last token that is not a special one (a chat template's header ends in
+        # plain text; right padding, as lm-eval's scoring batches have, is special).
+        content = prompt
+        ids = self._call.get("input_ids")
+        if ids is not None and self.ignore_ids is not None and self.ignore_ids.numel():
+            content = prompt & ~torch.isin(ids, self.ignore_ids.to(ids.device))
+        last_pos = torch.where(content, pos, -1).amax(1, keepdim=True)  # (B, 1)
+        last = content & (pos == last_pos)
         read = usable_tokens(
             h,
             prompt,
@@ -335,6 +343,8 @@ class Steering:
         )
         self.gate_scores = self.gate.scores(h, read, last).float()  # (B,)
         self.gate_open = self.gate_scores > self.gate.threshold
+        self.gate_reads += int(self.gate_open.numel())
+        self.gate_opens += int(self.gate_open.sum())
 
 
 def sae_layer(sae: SAE) -> int:
