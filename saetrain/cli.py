@@ -42,8 +42,9 @@ class FSDP2Strategy(ModelParallelStrategy):
     """Every SAE sharded by rows over all processes with FSDP2 (``--trainer.strategy fsdp2``).
 
     Lightning's ModelParallelStrategy with all ranks data-parallel (no tensor parallelism);
-    ``SAEModule.configure_model`` applies ``fully_shard``. Parameters, gradients and Adam's
-    state cost 1/world_size of the memory per rank, for SAEs too large to replicate (DDP).
+    ``SAEModule.configure_model`` applies ``fully_shard``. Between steps each rank keeps
+    1/world_size of the weights, gradients and Adam's state (the forward and backward gather
+    an SAE's weights whole), for SAEs whose optimizer state is too large to replicate (DDP).
     Checkpoints are whole (gathered on rank 0, written atomically like DDP's), so a run
     resumes with ``--ckpt_path`` under either strategy and any number of processes.
     """

@@ -10,8 +10,8 @@ projected before each step, rows renormalised after). Dead-latent counters are b
 they are saved in and restored from checkpoints.
 
 Under ``--trainer.strategy fsdp2`` (Lightning's ModelParallelStrategy) :meth:`configure_model`
-shards each SAE with FSDP2's ``fully_shard`` over the data-parallel ranks: parameters, gradients
-and Adam's state take 1/world_size of the memory each, by whole rows (see ``sae.py``).
+shards each SAE with FSDP2's ``fully_shard`` over the data-parallel ranks, by whole rows: between
+steps each rank keeps 1/world_size of the weights, gradients and Adam's state (see ``sae.py``).
 """
 
 from __future__ import annotations
