@@ -33,10 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from .commands import (
-    GateConfig,
     SteeringSpec,
     Target,
-    _gate,
     _interventions,
     _load,
     _save_config,
@@ -44,6 +42,7 @@ from .commands import (
     parse_config,
 )
 from .evaluate import Setting
+from .gate import GateConfig, build_gate
 from .generate import reply_loss
 from .hooks import Steering
 from .stats import wilson_interval
@@ -367,7 +366,7 @@ def run_eval_capability(argv: list[str]) -> None:
         units = _units(cfg, sae, model, tokenizer)
         gate = None
         if cfg.gate is not None:
-            gate, gate_info = _gate(cfg, sae, model, tokenizer, held_out=set())
+            gate, gate_info = build_gate(cfg.gate, sae, model, tokenizer, cfg)
             (out / "gate.json").write_text(json.dumps(gate_info, indent=2) + "\n")
         for s in cfg.strengths:
             ivs = _interventions(cfg, units, s)

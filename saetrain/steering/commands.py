@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 
-from .gate import Pool
+from .gate import GateConfig, build_gate, prompt_key
 from .hooks import Intervention, Op, Positions
 from .prompts import PromptSet, load_prompts
 
@@ -130,57 +130,6 @@ class SteerConfig(SteeringSpec, Target):
     """Steering strength (see strength_unit)."""
     width: int = 0
     """Width of the side-by-side view; 0 uses the terminal's."""
-
-
-@dataclass
-class GateConfig:
-    """Steer only prompts a gate flags (conditional steering)."""
-
-    kind: Literal["feature", "probe"] = "feature"
-    """feature: an SAE latent's largest value on the prompt; probe: a logistic probe."""
-    feature: int | None = None
-    """Latent read by a feature gate; default: the first steered feature."""
-    threshold: float | None = None
-    """Fixed threshold; None chooses it on the validation prompts."""
-    max_fpr: float | None = None
-    """When choosing: the best TPR with at most this FPR (None maximises TPR - FPR)."""
-    pool: Pool = "mean+last"
-    """What a probe reads: the prompt's mean activation, its last token's, or both."""
-    l2: float = 1e-2
-    """L2 penalty of the probe's logistic regression (on standardised features)."""
-    train_positive: list[PromptSet] = field(
-        default_factory=lambda: [
-            PromptSet("builtin:harmful", limit=16),
-            PromptSet("builtin:borderline-unsafe", seed=0, limit=120),
-        ]
-    )
-    """Probe training prompts that should open the gate."""
-    train_negative: list[PromptSet] = field(
-        default_factory=lambda: [
-            PromptSet("builtin:harmless", limit=16),
-            PromptSet("builtin:borderline-safe", seed=0, limit=120),
-        ]
-    )
-    """Probe training prompts that should not. Borderline requests (safe ones that sound
-    harmful) are what keep a probe from flagging "how do I kill a Python process?"."""
-    val_positive: list[PromptSet] = field(
-        default_factory=lambda: [
-            PromptSet("builtin:harmful", offset=16),
-            PromptSet("builtin:borderline-unsafe", seed=0, offset=120),
-        ]
-    )
-    """Validation prompts that should open the gate (threshold and its rates)."""
-    val_negative: list[PromptSet] = field(
-        default_factory=lambda: [
-            PromptSet("builtin:harmless", offset=16),
-            PromptSet("builtin:borderline-safe", seed=0, offset=120),
-        ]
-    )
-    """Validation prompts that should not. Prompts that are also in an evaluated set are
-    dropped from all four lists, so the gate never trains or calibrates on what it is
-    scored on."""
-    compare_ungated: bool = True
-    """Also evaluate every strength without the gate."""
 
 
 @dataclass
@@ -359,50 +308,6 @@ def run_steer(argv: list[str]) -> None:
     print(side_by_side(base, steered, width, ("baseline", f"steered ({cfg.op} {how})")))
 
 
-def _gate_prompts(specs: list[PromptSet], held_out: set, what: str) -> list:
-    """The inputs of ``specs`` minus those in ``held_out`` (the evaluated prompts)."""
-    inputs = [r.input for spec in specs for r in load_prompts(spec)]
-    kept = [p for p in inputs if _key(p) not in held_out]
-    if len(kept) < len(inputs):
-        print(
-            f"saetrain: left {len(inputs) - len(kept)} of {len(inputs)} gate "
-            f"{what} prompts out: they are also in an evaluated set"
-        )
-    if not kept:
-        raise ValueError(f"gate.{what} has no prompts left: give prompts not in the eval sets")
-    return kept
-
-
-def _key(prompt) -> tuple:
-    return (prompt,) if isinstance(prompt, str) else tuple(prompt)
-
-
-def _gate(cfg: EvalRefusalConfig, sae, model, tokenizer, held_out: set):
-    from .gate import FeatureGate, calibrate, fit_probe, pooled_activations
-
-    g = cfg.gate
-    kw = dict(sae=sae, layer=cfg.layer, batch_size=cfg.batch_size)
-    if g.kind == "feature":
-        feature = g.feature if g.feature is not None else (cfg.features or [None])[0]
-        if feature is None:
-            raise ValueError("a feature gate needs gate.feature (or features to steer)")
-        gate = FeatureGate(sae, feature)
-    else:
-        pos = _gate_prompts(g.train_positive, held_out, "train_positive")
-        neg = _gate_prompts(g.train_negative, held_out, "train_negative")
-        acts = pooled_activations(model, tokenizer, pos + neg, pool=g.pool, **kw)
-        labels = torch.tensor([1.0] * len(pos) + [0.0] * len(neg))
-        gate = fit_probe(acts, labels, pool=g.pool, l2=g.l2)
-    if g.threshold is not None:
-        gate.threshold = g.threshold
-        return gate, {"threshold": g.threshold, "chosen_on_validation": False}
-    vpos = _gate_prompts(g.val_positive, held_out, "val_positive")
-    vneg = _gate_prompts(g.val_negative, held_out, "val_negative")
-    cal = calibrate(gate, model, tokenizer, vpos, vneg, max_fpr=g.max_fpr, **kw)
-    print(f"saetrain: gate {g.kind}: {cal}")
-    return gate, {**dataclasses.asdict(cal), "chosen_on_validation": True}
-
-
 def run_eval_refusal(argv: list[str]) -> None:
     """``python -m saetrain eval-refusal``: refusal rates for the baseline and each strength."""
     from . import builtin
@@ -423,8 +328,8 @@ def run_eval_refusal(argv: list[str]) -> None:
         units = _units(cfg, sae, model, tokenizer)
         gate = None
         if cfg.gate is not None:
-            held_out = {_key(r.input) for s in sets for r in s.records}
-            gate, gate_info = _gate(cfg, sae, model, tokenizer, held_out)
+            held_out = {prompt_key(r.input) for s in sets for r in s.records}
+            gate, gate_info = build_gate(cfg.gate, sae, model, tokenizer, cfg, held_out)
         for s in cfg.strengths:
             ivs = _interventions(cfg, units, s)
             if gate is None or cfg.gate.compare_ungated:

@@ -20,8 +20,9 @@ model has read the whole request before it answers.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol, get_args
 
 import torch
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 
 from .generate import generate
 from .hooks import feature_values
+from .prompts import PromptSet, load_prompts
 from .stats import wilson_interval
 
 Pool = Literal["mean", "last", "mean+last"]
@@ -279,3 +281,102 @@ def calibrate(
     cal = choose_threshold(pos, neg, max_fpr=max_fpr)
     gate.threshold = cal.threshold
     return cal
+
+
+@dataclass
+class GateConfig:
+    """Steer only prompts a gate flags (conditional steering)."""
+
+    kind: Literal["feature", "probe"] = "feature"
+    """feature: an SAE latent's largest value on the prompt; probe: a logistic probe."""
+    feature: int | None = None
+    """Latent read by a feature gate; default: the first steered feature."""
+    threshold: float | None = None
+    """Fixed threshold; None chooses it on the validation prompts."""
+    max_fpr: float | None = None
+    """When choosing: the best TPR with at most this FPR (None maximises TPR - FPR)."""
+    pool: Pool = "mean+last"
+    """What a probe reads: the prompt's mean activation, its last token's, or both."""
+    l2: float = 1e-2
+    """L2 penalty of the probe's logistic regression (on standardised features)."""
+    train_positive: list[PromptSet] = field(
+        default_factory=lambda: [
+            PromptSet("builtin:harmful", limit=16),
+            PromptSet("builtin:borderline-unsafe", seed=0, limit=120),
+        ]
+    )
+    """Probe training prompts that should open the gate."""
+    train_negative: list[PromptSet] = field(
+        default_factory=lambda: [
+            PromptSet("builtin:harmless", limit=16),
+            PromptSet("builtin:borderline-safe", seed=0, limit=120),
+        ]
+    )
+    """Probe training prompts that should not. Borderline requests (safe ones that sound
+    harmful) are what keep a probe from flagging "how do I kill a Python process?"."""
+    val_positive: list[PromptSet] = field(
+        default_factory=lambda: [
+            PromptSet("builtin:harmful", offset=16),
+            PromptSet("builtin:borderline-unsafe", seed=0, offset=120),
+        ]
+    )
+    """Validation prompts that should open the gate (threshold and its rates)."""
+    val_negative: list[PromptSet] = field(
+        default_factory=lambda: [
+            PromptSet("builtin:harmless", offset=16),
+            PromptSet("builtin:borderline-safe", seed=0, offset=120),
+        ]
+    )
+    """Validation prompts that should not. Prompts that are also in an evaluated set are
+    dropped from all four lists, so the gate never trains or calibrates on what it is
+    scored on."""
+    compare_ungated: bool = True
+    """Also evaluate every strength without the gate."""
+
+
+def _gate_prompts(specs: list[PromptSet], held_out: set, what: str) -> list:
+    """The inputs of ``specs`` minus those in ``held_out`` (the evaluated prompts)."""
+    inputs = [r.input for spec in specs for r in load_prompts(spec)]
+    kept = [p for p in inputs if prompt_key(p) not in held_out]
+    if len(kept) < len(inputs):
+        print(
+            f"saetrain: left {len(inputs) - len(kept)} of {len(inputs)} gate "
+            f"{what} prompts out: they are also in an evaluated set"
+        )
+    if not kept:
+        raise ValueError(f"gate.{what} has no prompts left: give prompts not in the eval sets")
+    return kept
+
+
+def prompt_key(prompt) -> tuple:
+    """A hashable key of a prompt (a string or a conversation's turns)."""
+    return (prompt,) if isinstance(prompt, str) else tuple(prompt)
+
+
+def build_gate(g: GateConfig, sae, model, tokenizer, run, held_out: set = frozenset()):
+    """The gate ``g`` describes, fitted and calibrated, and what to report about it.
+
+    ``run`` gives ``features`` (a feature gate's default latent), ``layer`` and ``batch_size``
+    (an eval-refusal or eval-capability config); prompts in ``held_out`` (see
+    :func:`prompt_key`) are left out of the gate's training and validation sets.
+    """
+    kw = dict(sae=sae, layer=run.layer, batch_size=run.batch_size)
+    if g.kind == "feature":
+        feature = g.feature if g.feature is not None else (run.features or [None])[0]
+        if feature is None:
+            raise ValueError("a feature gate needs gate.feature (or features to steer)")
+        gate = FeatureGate(sae, feature)
+    else:
+        pos = _gate_prompts(g.train_positive, held_out, "train_positive")
+        neg = _gate_prompts(g.train_negative, held_out, "train_negative")
+        acts = pooled_activations(model, tokenizer, pos + neg, pool=g.pool, **kw)
+        labels = torch.tensor([1.0] * len(pos) + [0.0] * len(neg))
+        gate = fit_probe(acts, labels, pool=g.pool, l2=g.l2)
+    if g.threshold is not None:
+        gate.threshold = g.threshold
+        return gate, {"threshold": g.threshold, "chosen_on_validation": False}
+    vpos = _gate_prompts(g.val_positive, held_out, "val_positive")
+    vneg = _gate_prompts(g.val_negative, held_out, "val_negative")
+    cal = calibrate(gate, model, tokenizer, vpos, vneg, max_fpr=g.max_fpr, **kw)
+    print(f"saetrain: gate {g.kind}: {cal}")
+    return gate, {**dataclasses.asdict(cal), "chosen_on_validation": True}
