@@ -14,8 +14,10 @@ Two gates: :class:`FeatureGate` (an SAE latent's largest value over the prompt) 
 :class:`ProbeGate` (a logistic probe on the prompt's mean activation, its last token's, or
 both, fitted with :func:`fit_probe` on labelled prompts). The mean skips special tokens, the
 first position and massive-activation outliers (see ``hooks.usable_tokens``); the last token
-is the prompt's final one (for a chat template, the end of the assistant header), where the
-model has read the whole request before it answers.
+is the prompt's final non-special one (for a chat template, the end of the assistant header),
+where the model has read the whole request before it answers. :class:`GateConfig` and
+:func:`build_gate` make a fitted, calibrated gate from prompt sets, as the ``eval-refusal``
+and ``eval-capability`` commands do.
 """
 
 from __future__ import annotations
