@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from saetrain.kernels import (
     decode,
+    decode_pair,
     encode_topk,
     get_backend,
     normalize_decoder_,
@@ -73,10 +74,13 @@ def dense_step(p, x, k, dead_mask, k_aux):
 def kernel_step(p, x, k, dead_mask, k_aux):
     """The same step with saetrain.kernels: sparse decode and sparse backward."""
     out = encode_topk(x - p["b_dec"], p["W_enc"], p["b_enc"], k, dead_mask, k_aux)
-    x_hat = decode(out.latent_acts, out.latent_indices, p["W_dec"]) + p["b_dec"]
-    e_hat = None
-    if out.aux_indices.shape[1]:
-        e_hat = decode(out.aux_acts, out.aux_indices, p["W_dec"])
+    if not out.aux_indices.shape[1]:
+        x_hat = decode(out.latent_acts, out.latent_indices, p["W_dec"]) + p["b_dec"]
+        return losses(x, x_hat, None, x_hat - x)
+    x_hat, e_hat = decode_pair(  # as SAE.forward: one gradient for W_dec
+        out.latent_acts, out.latent_indices, out.aux_acts, out.aux_indices, p["W_dec"]
+    )
+    x_hat = x_hat + p["b_dec"]
     return losses(x, x_hat, e_hat, x_hat - x)
 
 

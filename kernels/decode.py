@@ -6,6 +6,11 @@ matrix (issue #4, part 1). The four parts: `decode_reference` (pure torch), the 
 kernels in `sparse_ops.py`, the host checks in `decode`, and `DecodeFunction`.
 
     x_hat = decode(latent_acts, latent_indices, W_dec) + b_dec
+    x_hat, e_hat = decode_pair(latent_acts, latent_indices, aux_acts, aux_indices, W_dec)
+
+`decode_pair` runs the main and the AuxK decode through the same W_dec with one gradient
+for it: rows both touch are summed in fp32 and rounded once, and no second (num_latents,
+d_in) gradient is allocated, zeroed and added by autograd.
 """
 
 from __future__ import annotations
@@ -52,6 +57,72 @@ class DecodeFunction(torch.autograd.Function):
         return grad_acts, None, grad_W_dec
 
 
+class DecodePairFunction(torch.autograd.Function):
+    """Two sparse decodes through one W_dec (the main and the AuxK latents), one grad W_dec."""
+
+    @staticmethod
+    def forward(ctx, acts, indices, aux_acts, aux_indices, W_dec):
+        ctx.save_for_backward(acts, indices, aux_acts, aux_indices, W_dec)
+        ctx.compacts = tuple(compact_rows(i, W_dec.shape[0]) for i in (indices, aux_indices))
+        ctx.set_materialize_grads(False)  # an unused output costs no backward work
+        x_hat = gather_combine(acts, indices, W_dec, ctx.compacts[0])  # (B, d_in)
+        e_hat = gather_combine(aux_acts, aux_indices, W_dec, ctx.compacts[1])  # (B, d_in)
+        return x_hat, e_hat
+
+    @staticmethod
+    def backward(ctx, grad_x_hat: Tensor | None, grad_e_hat: Tensor | None):
+        acts, indices, aux_acts, aux_indices, W_dec = ctx.saved_tensors
+        groups = [
+            (slot, grad.contiguous(), values, ids, compact)
+            for slot, (grad, values, ids, compact) in enumerate(
+                (
+                    (grad_x_hat, acts, indices, ctx.compacts[0]),
+                    (grad_e_hat, aux_acts, aux_indices, ctx.compacts[1]),
+                )
+            )
+            if grad is not None
+        ]
+        grad_acts: list[Tensor | None] = [None, None]
+        grad_W_dec = None
+        for slot, grad, values, ids, compact in groups:
+            if ctx.needs_input_grad[2 * slot]:
+                grad_acts[slot] = gather_dot(grad, ids, W_dec, compact)  # (B, k)
+            if ctx.needs_input_grad[4]:  # two groups: summed in fp32, rounded once
+                dtype = W_dec.dtype if len(groups) == 1 else torch.float32
+                grad_W_dec = scatter_outer(
+                    values, ids, grad, W_dec.shape[0], grad_W_dec, compact=compact, dtype=dtype
+                )
+        if grad_W_dec is not None:
+            grad_W_dec = grad_W_dec.to(W_dec.dtype)  # (num_latents, d_in)
+        return grad_acts[0], None, grad_acts[1], None, grad_W_dec
+
+
+def _autocast_inputs(W_dec: Tensor, *acts: Tensor) -> tuple[Tensor, ...]:
+    """Under torch.autocast, the float inputs cast to the autocast dtype, as F.linear would."""
+    device_type = W_dec.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return (*acts, W_dec)
+    dtype = torch.get_autocast_dtype(device_type)
+    return (*(a.to(dtype) for a in acts), W_dec.to(dtype))
+
+
+def decode_pair(
+    latent_acts: Tensor,
+    latent_indices: Tensor,
+    aux_acts: Tensor,
+    aux_indices: Tensor,
+    W_dec: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """``decode`` of the main latents (B, k) and of the AuxK latents (B, k_aux) through the
+    same ``W_dec``: (x_hat, e_hat), each (B, d_in), as two ``decode`` calls would give, with
+    one gradient for W_dec (fp32 sums, one rounding)."""
+    latent_acts, aux_acts, W_dec = _autocast_inputs(W_dec, latent_acts, aux_acts)
+    check_rows("decode", latent_indices, latent_acts, W_dec)
+    check_rows("decode (aux)", aux_indices, aux_acts, W_dec)
+    with torch.autocast(W_dec.device.type, enabled=False):
+        return DecodePairFunction.apply(latent_acts, latent_indices, aux_acts, aux_indices, W_dec)
+
+
 def decode(latent_acts: Tensor, latent_indices: Tensor, W_dec: Tensor) -> Tensor:
     """Decode k latents per token: sum_j latent_acts[:, j] * W_dec[latent_indices[:, j]].
 
@@ -64,10 +135,7 @@ def decode(latent_acts: Tensor, latent_indices: Tensor, W_dec: Tensor) -> Tensor
     fp32. Differentiable w.r.t. latent_acts and W_dec. Under torch.autocast the float
     inputs are cast to the autocast dtype first, as F.linear would.
     """
-    device_type = W_dec.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        latent_acts, W_dec = latent_acts.to(dtype), W_dec.to(dtype)
+    latent_acts, W_dec = _autocast_inputs(W_dec, latent_acts)
     check_rows("decode", latent_indices, latent_acts, W_dec)
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(W_dec.device.type, enabled=False):
         return DecodeFunction.apply(latent_acts, latent_indices, W_dec)

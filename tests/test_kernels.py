@@ -27,6 +27,7 @@ import saetrain.kernels.encode as encode_module  # noqa: E402
 import saetrain.kernels.sparse_ops as sparse_ops  # noqa: E402
 from saetrain.kernels import (  # noqa: E402
     decode,
+    decode_pair,
     decode_reference,
     decoder_norm_step,
     encode_topk,
@@ -152,6 +153,36 @@ def test_decode_dense_path_over_few_distinct_latents_matches_the_reference(monke
         check_decode(acts, indices, W_dec, torch.float32)
     finally:
         set_backend(previous)
+
+
+@pytest.mark.parametrize("used", ["both", "main", "aux"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_decode_pair_equals_two_decodes_with_one_gradient_for_W_dec(device, dtype, used):
+    # The main and AuxK decodes share W_dec; the aux latents overlap the main ones here, so
+    # some rows get gradient from both. Either output may go unused (no gradient from it).
+    gen = torch.Generator().manual_seed(3)
+    indices = torch.randint(0, 40, (6, 5), generator=gen).to(device)
+    aux_indices = torch.randint(0, 12, (6, 9), generator=gen).to(device)
+    leaves = [torch.rand(6, 5, generator=gen), torch.rand(6, 9, generator=gen)]
+    leaves.append(torch.randn(40, 24, generator=gen))
+    acts, aux_acts, W_dec = (t.to(device, dtype).requires_grad_() for t in leaves)
+    x_hat, e_hat = decode_pair(acts, indices, aux_acts, aux_indices, W_dec)
+    want_x = decode_reference(acts, indices, W_dec)
+    want_e = decode_reference(aux_acts, aux_indices, W_dec)
+    close(x_hat, want_x, dtype)
+    close(e_hat, want_e, dtype)
+    up = [torch.randn(6, 24, generator=gen).to(device, dtype) for _ in range(2)]
+    got = [x_hat, e_hat]
+    want = [want_x, want_e]
+    if used != "both":
+        keep = 0 if used == "main" else 1
+        got, want, up = [got[keep]], [want[keep]], [up[keep]]
+    inputs = [acts, aux_acts, W_dec]
+    for g, w in zip(grads_of(got, inputs, up), grads_of(want, inputs, up), strict=True):
+        if w is None:
+            assert g is None or g.abs().sum() == 0
+        else:
+            close(g, w, dtype)
 
 
 # ---------------------------------------------------------------- encode
@@ -398,6 +429,10 @@ REFERENCE_KERNELS = SimpleNamespace(
     EncodeOutput=encode_module.EncodeOutput,
     encode_topk=encode_topk_reference,
     decode=decode_reference,
+    decode_pair=lambda a, i, aux_a, aux_i, W: (
+        decode_reference(a, i, W),
+        decode_reference(aux_a, aux_i, W),
+    ),
     project_decoder_grad_=lambda W, g: g.copy_(project_decoder_grad_reference(W, g)),
     normalize_decoder_=lambda W: W.copy_(normalize_decoder_reference(W)),
 )
