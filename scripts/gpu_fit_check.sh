@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end `fit` on a lent CUDA machine (see the device notes): the tiny recipe on the GPU
 # (Triton kernels, fused Adam, the stream's buffers on the device), a SIGKILL mid-run and a
-# resume, and two layers x two SAE sizes from one pass. Needs torch, triton, lightning and
+# resume, two layers x two SAE sizes from one pass, and fsdp2 (FSDP2 over NCCL, one GPU: the
+# sharded path on CUDA, compared with the plain run). Needs torch, triton, lightning and
 # transformers there; jsonargparse travels as wheels in .whl/ (see the device README).
 #   OUT=/tmp/gpu bash scripts/gpu_fit_check.sh
 set -u
@@ -46,4 +47,11 @@ for k in a: print(k, "max |diff| vs the uninterrupted run:", float((a[k] - b[k])
 PY
     echo "== two layers x two sizes from one pass"
     $fit --run_name multi --data.layer "[0, 1]" --model.sae_variants '[{"k": 4}, {"k": 8}]' 2>&1 | grep -E "error|Error|exported|stopped"
+    echo "== fsdp2 on one GPU (NCCL), against the whole run"
+    $fit --run_name fsdp2 --trainer.strategy fsdp2 2>&1 | grep -E "error|Error|exported|stopped"
+    python3 - <<'PY'
+from safetensors.torch import load_file
+a = load_file("/tmp/gpufit/runs/whole/sae.safetensors"); b = load_file("/tmp/gpufit/runs/fsdp2/sae.safetensors")
+for k in a: print(k, "max |diff| fsdp2 vs the plain run:", float((a[k] - b[k]).abs().max()))
+PY
 } 2>&1 | tee "$OUT/gpu_fit_check.log"
