@@ -42,3 +42,25 @@ class Slow(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         time.sleep(self.seconds)
+
+
+class ShardReport(Callback):
+    """Writes, per rank, how many rows of each SAE's W_dec (and of Adam's moments for it) the
+    rank holds when training ends, to ``<default_root_dir>/shards-<rank>.json`` (fsdp2 test)."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import json
+
+        from saetrain.sae import _local
+
+        sae = pl_module.trained[0].sae
+        sae.reshard()  # after the last validation forward the root SAE is unsharded
+        state = trainer.optimizers[0].state[sae.W_dec]
+        report = {
+            "W_dec": [_local(sae.W_dec).shape[0], sae.W_dec.shape[0]],
+            "exp_avg": _local(state["exp_avg"]).shape[0],
+            "exp_avg_sq": _local(state["exp_avg_sq"]).shape[0],
+        }
+        path = f"{trainer.default_root_dir}/shards-{trainer.global_rank}.json"
+        with open(path, "w") as f:
+            json.dump(report, f)

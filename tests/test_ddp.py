@@ -50,7 +50,8 @@ def test_two_processes_train_on_disjoint_shards_and_agree_on_the_counters(ddp_wh
 @pytest.fixture(scope="module")
 def fsdp_whole(tiny_model_dir, chat_jsonl, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    done = ddp_run(tiny_model_dir, chat_jsonl, out, "whole", *FSDP)
+    report = "--trainer.callbacks+=killers.ShardReport"
+    done = ddp_run(tiny_model_dir, chat_jsonl, out, "whole", *FSDP, report)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     return out / "whole"
 
@@ -62,6 +63,13 @@ def test_fsdp2_shards_the_sae_and_trains_the_same_weights_as_ddp(fsdp_whole, ddp
     assert all(torch.equal(got[name], want[name]) for name in want)
     state = torch.load(fsdp_whole / "lightning" / "last.ckpt", weights_only=False)["state_dict"]
     assert state["saes.0_0.sae.W_dec"].shape == want["W_dec"].shape
+    # Each of the two ranks held half of the decoder's rows and of Adam's moments for them.
+    import json
+
+    for rank in (0, 1):
+        shards = json.loads((fsdp_whole / f"shards-{rank}.json").read_text())
+        rows = shards["W_dec"][1]
+        assert shards == {"W_dec": [rows // 2, rows], "exp_avg": rows // 2, "exp_avg_sq": rows // 2}
 
 
 @pytest.mark.parametrize(
