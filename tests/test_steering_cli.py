@@ -55,6 +55,9 @@ def test_eval_refusal_sweeps_strengths_with_a_gate_and_writes_every_file(sae_dir
     assert 0 <= results["gate"]["fpr"] <= 1 and results["gate"]["chosen_on_validation"]
     assert len((out / "responses.jsonl").read_text().splitlines()) == 5 * 5
     assert "gate feature: threshold" in capsys.readouterr().out
+    summary = (out / "summary.md").read_text()
+    assert "## Gate" in summary and "chosen on validation prompts: TPR" in summary
+    assert "- add x2 gated: opened on" in summary
 
 
 def test_a_probe_gate_never_trains_or_calibrates_on_an_evaluated_prompt(sae_dir, tmp_path, capsys):

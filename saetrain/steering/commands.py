@@ -353,6 +353,6 @@ def run_eval_refusal(argv: list[str]) -> None:
     )
     results = {"features": cfg.features, "op": cfg.op, "gate": gate_info, "rows": rows}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_report(rows, out, capability=cfg.capability)
-    print(markdown_summary(rows))
+    write_report(rows, out, capability=cfg.capability, gate=gate_info)
+    print(markdown_summary(rows, gate_info))
     print(f"saetrain eval-refusal: wrote {out}/responses.jsonl, results.json, summary.md and plots")

@@ -132,8 +132,9 @@ def _rate(r: dict) -> str:
     return f"{r['refusal_rate']:.0%} [{r['ci_low']:.0%}, {r['ci_high']:.0%}] (n={r['n']})"
 
 
-def markdown_summary(rows: Sequence[dict]) -> str:
-    """A markdown table per setting, then per category (see the module docstring)."""
+def markdown_summary(rows: Sequence[dict], gate: dict | None = None) -> str:
+    """A markdown table per setting, the gate (its validation rates, what it opened on), then
+    per category (see the module docstring)."""
     top = _all_rows(rows)
     sets = list(dict.fromkeys((r["set"], r["kind"]) for r in top))
     head = ["setting", "strength"] + [f"{s} ({k}) refusal" for s, k in sets]
@@ -153,6 +154,24 @@ def markdown_summary(rows: Sequence[dict]) -> str:
         delta = mine[0]["loss_delta"]
         cells.append("" if delta is None else f"{delta:+.3f}")
         lines.append("| " + " | ".join(cells) + " |")
+    opened = [r for r in top if r.get("gate_open_rate") is not None]
+    if gate or opened:
+        lines += ["", "## Gate", ""]
+        if gate and gate.get("chosen_on_validation"):
+            lo, hi = gate["tpr_interval"]
+            flo, fhi = gate["fpr_interval"]
+            lines.append(
+                f"Threshold {gate['threshold']:.4g}, chosen on validation prompts: TPR "
+                f"{gate['tpr']:.1%} [{lo:.1%}, {hi:.1%}] on {gate['n_positive']}, FPR "
+                f"{gate['fpr']:.1%} [{flo:.1%}, {fhi:.1%}] on {gate['n_negative']}."
+            )
+        elif gate:
+            lines.append(f"Fixed threshold {gate['threshold']:.4g}.")
+        lines += [""] if gate and opened else []
+        lines += [
+            f"- {r['setting']}: opened on {r['gate_open_rate']:.1%} of {r['set']} ({r['kind']})"
+            for r in opened
+        ]
     cats = [r for r in rows if r["category"] != "all"]
     if cats:
         lines += [
@@ -166,11 +185,13 @@ def markdown_summary(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(rows: Sequence[dict], out_dir: str | Path, capability=None) -> list[Path]:
+def write_report(
+    rows: Sequence[dict], out_dir: str | Path, capability=None, gate: dict | None = None
+) -> list[Path]:
     """Write ``summary.md``, ``refusal_vs_strength.png`` and ``tradeoff.png`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.md").write_text(markdown_summary(rows))
+    (out / "summary.md").write_text(markdown_summary(rows, gate))
     return [
         out / "summary.md",
         plot_refusal_vs_strength(rows, out / "refusal_vs_strength.png"),
