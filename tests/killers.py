@@ -45,8 +45,8 @@ class Slow(Callback):
 
 
 class ShardReport(Callback):
-    """Writes, per rank, how many rows of each SAE's W_dec (and of Adam's moments for it) the
-    rank holds when training ends, to ``<default_root_dir>/shards-<rank>.json`` (fsdp2 test)."""
+    """Writes, per rank, how many rows of the (first) SAE's W_dec and of Adam's moments for it
+    the rank holds when training ends, to ``<default_root_dir>/shards-<rank>.json`` (fsdp2 test)."""
 
     def on_train_end(self, trainer, pl_module) -> None:
         import json

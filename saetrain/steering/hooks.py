@@ -325,22 +325,21 @@ class Steering:
                 )
             return
         prompt = real if lengths is None else real & (pos < lengths.unsqueeze(1))
-        # The prompt's last token that is not a special one (a chat template's header ends in
-        # plain text; right padding, as lm-eval's scoring batches have, is special).
-        content = prompt
-        ids = self._call.get("input_ids")
-        if ids is not None and self.ignore_ids is not None and self.ignore_ids.numel():
-            content = prompt & ~torch.isin(ids, self.ignore_ids.to(ids.device))
-        last_pos = torch.where(content, pos, -1).amax(1, keepdim=True)  # (B, 1)
-        last = content & (pos == last_pos)
-        read = usable_tokens(
+        # The prompt's tokens that are not special ones (usable_tokens then also drops the
+        # first position and outliers); the last of them is what a last-token probe reads: a
+        # chat template's header ends in plain text, and right padding (lm-eval's scoring
+        # batches) is special.
+        content = usable_tokens(
             h,
             prompt,
             input_ids=self._call.get("input_ids"),
             ignore_ids=self.ignore_ids,
-            positions=pos,
-            outlier_multiple=self.gate.outlier_multiple,
+            skip_first=False,
+            outlier_multiple=None,
         )
+        last_pos = torch.where(content, pos, -1).amax(1, keepdim=True)  # (B, 1)
+        last = content & (pos == last_pos)
+        read = usable_tokens(h, content, positions=pos, outlier_multiple=self.gate.outlier_multiple)
         self.gate_scores = self.gate.scores(h, read, last).float()  # (B,)
         self.gate_open = self.gate_scores > self.gate.threshold
         self.gate_reads += int(self.gate_open.numel())

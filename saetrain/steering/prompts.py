@@ -57,6 +57,10 @@ BUILTIN_SETS = {
 """Sets written for saetrain, by the name that follows ``builtin:`` in a prompt set's path."""
 
 
+def _builtin_names() -> str:
+    return " / ".join(f"builtin:{name}" for name in BUILTIN_SETS)
+
+
 @dataclass
 class PromptSet:
     """Where a set of prompts comes from and how to read it."""
@@ -150,7 +154,7 @@ def _rows(spec: PromptSet) -> list[Any]:
     if fmt != "hf" and not path.is_file():
         raise FileNotFoundError(
             f"prompt set {spec.path} does not exist: pass a .csv/.json/.jsonl/.parquet file, a Hub "
-            "dataset id, or builtin:harmful / builtin:harmless"
+            "dataset id, or " + _builtin_names()
         )
     if fmt == "csv":
         with path.open(newline="", encoding="utf-8-sig") as f:
@@ -243,10 +247,7 @@ def load_prompts(spec: PromptSet) -> list[PromptRecord]:
     if spec.path.startswith("builtin:"):
         which = spec.path.removeprefix("builtin:")
         if which not in BUILTIN_SETS:
-            raise ValueError(
-                f"unknown built-in set {spec.path!r}: use one of "
-                + ", ".join(f"builtin:{name}" for name in BUILTIN_SETS)
-            )
+            raise ValueError(f"unknown built-in set {spec.path!r}: use {_builtin_names()}")
         pairs, label = BUILTIN_SETS[which]
         records = [
             PromptRecord(p, category=c, label=label, id=f"{which}-{i}")
