@@ -246,6 +246,8 @@ def test_eval_capability_cli_writes_results_summary_and_the_tradeoff_plot(
         "train_negative": [{"path": "builtin:harmless", "limit": 6}],
         "val_positive": [{"path": "builtin:harmful", "offset": 6, "limit": 4}],
         "val_negative": [{"path": "builtin:harmless", "offset": 6, "limit": 4}],
+        "cross_fit_positive": [],
+        "cross_fit_negative": [],
     }
     gated = tmp_path / "gated"
     args += ["--gate", json.dumps(gate), "--out_dir", str(gated)]

@@ -40,6 +40,9 @@ def test_eval_refusal_sweeps_strengths_with_a_gate_and_writes_every_file(sae_dir
         "kind": "feature",
         "val_positive": [{"path": "builtin:harmful", "offset": 16, "limit": 3}],
         "val_negative": [{"path": "builtin:harmless", "offset": 16, "limit": 3}],
+        # nothing to fit for a feature gate: cross-fit sets are more validation prompts
+        "cross_fit_positive": [{"path": "builtin:terse-unsafe", "limit": 2}],
+        "cross_fit_negative": [],
     }
     args = ["eval-refusal", "--sae", str(sae_dir), "--features", "[3]", "--op", "add"]
     args += ["--strength_unit", "absolute", "--strengths", "[2, 8]", "--gate", json.dumps(gate)]
@@ -53,6 +56,7 @@ def test_eval_refusal_sweeps_strengths_with_a_gate_and_writes_every_file(sae_dir
     settings = {r["setting"] for r in results["rows"]}
     assert settings == {"baseline", "add x2", "add x8", "add x2 gated", "add x8 gated"}
     assert 0 <= results["gate"]["fpr"] <= 1 and results["gate"]["chosen_on_validation"]
+    assert results["gate"]["n_positive"] == 5 and results["gate"]["n_negative"] == 3
     assert len((out / "responses.jsonl").read_text().splitlines()) == 5 * 5
     assert "gate feature: threshold" in capsys.readouterr().out
     summary = (out / "summary.md").read_text()
@@ -69,6 +73,8 @@ def test_a_probe_gate_never_trains_or_calibrates_on_an_evaluated_prompt(sae_dir,
         "train_negative": [{"path": "builtin:borderline-safe", "seed": 0, "limit": 6}],
         "val_positive": [{"path": "builtin:harmful", "limit": 8}],
         "val_negative": [{"path": "builtin:borderline-safe", "seed": 0, "offset": 6, "limit": 4}],
+        "cross_fit_positive": [],
+        "cross_fit_negative": [],
         "compare_ungated": False,
     }
     args = ["eval-refusal", "--sae", str(sae_dir), "--features", "[3]", "--op", "add"]
@@ -88,6 +94,38 @@ def test_a_probe_gate_never_trains_or_calibrates_on_an_evaluated_prompt(sae_dir,
     args[args.index("--gate") + 1] = json.dumps(gate)
     assert main(args) == 2
     assert "gate.train_positive has no prompts left" in error_line(capsys)
+
+
+def test_a_cross_fitted_probe_gate_chooses_its_threshold_on_out_of_fold_scores(
+    sae_dir, tmp_path, capsys
+):
+    out = tmp_path / "eval"
+    gate = {
+        "kind": "probe",
+        "train_positive": [{"path": "builtin:harmful", "limit": 4}],
+        "train_negative": [{"path": "builtin:harmless", "limit": 4}],
+        "val_positive": [],
+        "val_negative": [],
+        "cross_fit_positive": [{"path": "builtin:terse-unsafe", "seed": 0, "limit": 6}],
+        "cross_fit_negative": [{"path": "builtin:terse-safe", "seed": 0, "limit": 6}],
+        "folds": 3,
+        "compare_ungated": False,
+    }
+    args = ["eval-refusal", "--sae", str(sae_dir), "--features", "[3]", "--op", "add"]
+    args += ["--strength_unit", "absolute", "--strengths", "[2]", "--gate", json.dumps(gate)]
+    # the first terse-unsafe prompt is evaluated, so the gate leaves it out
+    args += ["--unsafe", '[{"path": "builtin:terse-unsafe", "seed": 0, "limit": 1}]']
+    args += ["--safe", '[{"path": "builtin:harmless", "limit": 1}]', "--out_dir", str(out), *FAST]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "left 1 of 6 gate cross_fit_positive prompts out" in printed
+    assert "gate probe, 3-fold cross-fitted: threshold" in printed
+    g = json.loads((out / "results.json").read_text())["gate"]
+    assert (g["n_positive"], g["n_negative"], g["cross_fit_folds"]) == (5, 6, 3)
+    gate["folds"] = 1
+    args[args.index("--gate") + 1] = json.dumps(gate)
+    assert main(args) == 2
+    assert "gate.folds must be at least 2 to cross-fit, got 1" in error_line(capsys)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])

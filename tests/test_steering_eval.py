@@ -258,9 +258,10 @@ def test_the_builtin_set_has_a_few_dozen_prompts_each_with_categories():
     assert all(reply for _, reply in harmless_pairs())
 
 
-def test_the_borderline_sets_pair_each_safe_request_with_an_unsafe_one_in_its_category():
-    safe = load_prompts(PromptSet("builtin:borderline-safe", seed=0))
-    unsafe = load_prompts(PromptSet("builtin:borderline-unsafe", seed=0))
+@pytest.mark.parametrize("name", ["borderline", "terse"])
+def test_the_paired_gate_sets_pair_each_safe_request_with_an_unsafe_one_in_its_category(name):
+    safe = load_prompts(PromptSet(f"builtin:{name}-safe", seed=0))
+    unsafe = load_prompts(PromptSet(f"builtin:{name}-unsafe", seed=0))
     assert len(safe) == len(unsafe) == 240
     assert {r.label for r in safe} == {"safe"} and {r.label for r in unsafe} == {"unsafe"}
     # The same seed shuffles both alike, so a seed/limit/offset split keeps the pairs together.
@@ -269,7 +270,9 @@ def test_the_borderline_sets_pair_each_safe_request_with_an_unsafe_one_in_its_ca
     texts = [r.prompt for r in safe + unsafe] + [p for _, p in HARMFUL]
     texts += [p for _, p, _ in HARMLESS]
     assert len(set(texts)) == len(texts)
-    with pytest.raises(ValueError, match="builtin:borderline-safe"):
+    if name == "terse":
+        assert max(len(r.prompt.split()) for r in safe + unsafe) <= 12
+    with pytest.raises(ValueError, match="builtin:terse-safe"):
         load_prompts(PromptSet("builtin:borderline"))
 
 

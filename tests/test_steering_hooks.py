@@ -18,9 +18,16 @@ from saetrain.steering import (
     generate,
     steer,
 )
-from saetrain.steering.gate import gate_scores, pooled_activations
+from saetrain.steering.gate import (
+    _gate_prompts,
+    cross_fit_scores,
+    gate_scores,
+    pooled_activations,
+    prompt_key,
+)
 from saetrain.steering.generate import left_pad, render
 from saetrain.steering.hooks import feature_values, usable_tokens
+from saetrain.steering.prompts import PromptSet, load_prompts
 
 PROMPTS = ["the cat sat on the mat", "hi", "a red car and a blue house by the river at night"]
 
@@ -191,6 +198,34 @@ def test_a_fitted_probe_separates_the_labelled_prompts():
     probe = fit_probe(pooled, torch.cat([torch.ones(20), torch.zeros(20)]))
     scores = probe.score_pooled(pooled)
     assert (scores[:20] > probe.threshold).all() and (scores[20:] <= probe.threshold).all()
+
+
+def test_cross_fitted_scores_are_honest_where_a_probe_scores_its_own_training_set_too_well():
+    # Labels that are noise: a probe fitted on all 60 prompts separates them anyway (it
+    # memorises 100 dimensions), but scores from probes that never saw the prompt do not.
+    torch.manual_seed(0)
+    pooled, labels = torch.randn(60, 100), (torch.arange(60) % 2).float()
+    fold = torch.arange(60) % 3
+    fold[:6] = -1  # always in training: no cross-fitted score
+
+    def auc(s, y):
+        return float((s[y == 1][:, None] > s[y == 0][None]).float().mean())
+
+    inside = fit_probe(pooled, labels, l2=1e-4).score_pooled(pooled)
+    honest = cross_fit_scores(pooled, labels, fold, l2=1e-4)
+    assert auc(inside, labels) > 0.99
+    assert honest[:6].isnan().all() and not honest[6:].isnan().any()
+    assert abs(auc(honest[6:], labels[6:]) - 0.5) < 0.2
+
+
+def test_gate_sets_keep_each_prompts_index_when_an_evaluated_one_is_left_out():
+    # Folds go by a prompt's index in its own set, so a pair listed with one seed on both sides
+    # stays in one fold even when one of its prompts is held out.
+    spec = PromptSet("builtin:terse-unsafe", seed=0, limit=5)
+    second = load_prompts(spec)[1].input
+    kept, at = _gate_prompts([spec], {prompt_key(second)}, "cross_fit_positive")
+    assert at == [0, 2, 3, 4] and second not in kept
+    assert _gate_prompts([], set(), "val_negative") == ([], [])
 
 
 @pytest.mark.parametrize("pool", ["mean", "last", "mean+last"])

@@ -17,7 +17,10 @@ first position and massive-activation outliers (see ``hooks.usable_tokens``); th
 is the prompt's final non-special one (for a chat template, the end of the assistant header),
 where the model has read the whole request before it answers. :class:`GateConfig` and
 :func:`build_gate` make a fitted, calibrated gate from prompt sets, as the ``eval-refusal``
-and ``eval-capability`` commands do.
+and ``eval-capability`` commands do. A small hand-written set (such as the built-in borderline
+pairs) can both fit the probe and choose its threshold by cross-fitting
+(:func:`cross_fit_scores`): each prompt is scored by a probe fitted without its fold, so the
+threshold's rates are honest and no pair is spent on validation alone.
 """
 
 from __future__ import annotations
@@ -164,6 +167,22 @@ def fit_probe(
     return ProbeGate(w.detach(), float(b.detach()), mu, sigma, pool=pool)
 
 
+def cross_fit_scores(
+    pooled: Tensor, labels: Tensor, fold: Tensor, *, pool: Pool = "mean", l2: float = 1e-2
+) -> Tensor:
+    """(P,) each prompt's score from a probe fitted (:func:`fit_probe`) on every other fold:
+    honest scores to choose a threshold on, where a probe's scores of its own training prompts
+    are overconfident. ``fold`` (P,) holds each prompt's fold, or -1 for prompts that are always
+    in training (their score is NaN)."""
+    scores = torch.full((len(labels),), float("nan"))
+    for k in fold.unique().tolist():
+        if k >= 0:
+            part = fold == k
+            probe = fit_probe(pooled[~part], labels[~part], pool=pool, l2=l2)
+            scores[part] = probe.score_pooled(pooled[part])
+    return scores
+
+
 class _Collect:
     """A gate that never opens and keeps the prompt features it reads."""
 
@@ -302,52 +321,63 @@ class GateConfig:
     l2: float = 1e-2
     """L2 penalty of the probe's logistic regression (on standardised features)."""
     train_positive: list[PromptSet] = field(
-        default_factory=lambda: [
-            PromptSet("builtin:harmful", limit=16),
-            PromptSet("builtin:borderline-unsafe", seed=0, limit=120),
-        ]
+        default_factory=lambda: [PromptSet("builtin:harmful", limit=16)]
     )
     """Probe training prompts that should open the gate."""
     train_negative: list[PromptSet] = field(
-        default_factory=lambda: [
-            PromptSet("builtin:harmless", limit=16),
-            PromptSet("builtin:borderline-safe", seed=0, limit=120),
-        ]
+        default_factory=lambda: [PromptSet("builtin:harmless", limit=16)]
     )
-    """Probe training prompts that should not. Borderline requests (safe ones that sound
-    harmful) are what keep a probe from flagging "how do I kill a Python process?"."""
+    """Probe training prompts that should not."""
     val_positive: list[PromptSet] = field(
-        default_factory=lambda: [
-            PromptSet("builtin:harmful", offset=16),
-            PromptSet("builtin:borderline-unsafe", seed=0, offset=120),
-        ]
+        default_factory=lambda: [PromptSet("builtin:harmful", offset=16)]
     )
     """Validation prompts that should open the gate (threshold and its rates)."""
-    val_negative: list[PromptSet] = field(
+    val_negative: list[PromptSet] = field(default_factory=list)
+    """Validation prompts that should not. The FPR the threshold is held to (``max_fpr``) is
+    measured on these and the cross-fit negatives: list the safe prompts whose over-refusal
+    matters (borderline ones), not only easy ones that no gate flags."""
+    cross_fit_positive: list[PromptSet] = field(
         default_factory=lambda: [
-            PromptSet("builtin:harmless", offset=16),
-            PromptSet("builtin:borderline-safe", seed=0, offset=120),
+            PromptSet("builtin:borderline-unsafe", seed=0),
+            PromptSet("builtin:terse-unsafe", seed=0),
         ]
     )
-    """Validation prompts that should not. Prompts that are also in an evaluated set are
-    dropped from all four lists, so the gate never trains or calibrates on what it is
-    scored on."""
+    """Prompts that should open the gate, used both to fit a probe and to choose its
+    threshold, by cross-fitting: each set's i-th prompt goes to fold i mod ``folds``; the
+    threshold is chosen on each fold's scores from a probe fitted without that fold (with the
+    validation sets' scores), and the gate's probe is then fitted on every fold. A feature gate
+    uses them as validation prompts."""
+    cross_fit_negative: list[PromptSet] = field(
+        default_factory=lambda: [
+            PromptSet("builtin:borderline-safe", seed=0),
+            PromptSet("builtin:terse-safe", seed=0),
+        ]
+    )
+    """Prompts that should not open it, used as ``cross_fit_positive``. Borderline requests
+    (safe ones that sound harmful) are what keep a probe from flagging "how do I kill a Python
+    process?"; listed with the same seed as their unsafe sides, each pair stays in one fold.
+    Prompts that are also in an evaluated set are dropped from all six lists, so the gate never
+    trains or calibrates on what it is scored on."""
+    folds: int = 5
+    """Number of cross-fitting folds (at least 2)."""
     compare_ungated: bool = True
     """Also evaluate every strength without the gate."""
 
 
-def _gate_prompts(specs: list[PromptSet], held_out: set, what: str) -> list:
-    """The inputs of ``specs`` minus those in ``held_out`` (the evaluated prompts)."""
-    inputs = [r.input for spec in specs for r in load_prompts(spec)]
-    kept = [p for p in inputs if prompt_key(p) not in held_out]
-    if len(kept) < len(inputs):
+def _gate_prompts(specs: list[PromptSet], held_out: set, what: str) -> tuple[list, list[int]]:
+    """The inputs of ``specs`` minus those in ``held_out`` (the evaluated prompts), and each
+    one's index within its own set (cross-fitting folds go by it, so that pairs listed with the
+    same seed share a fold whichever of their prompts is held out)."""
+    records = [(r.input, i) for spec in specs for i, r in enumerate(load_prompts(spec))]
+    kept = [(p, i) for p, i in records if prompt_key(p) not in held_out]
+    if len(kept) < len(records):
         print(
-            f"saetrain: left {len(inputs) - len(kept)} of {len(inputs)} gate "
+            f"saetrain: left {len(records) - len(kept)} of {len(records)} gate "
             f"{what} prompts out: they are also in an evaluated set"
         )
-    if not kept:
+    if specs and not kept:
         raise ValueError(f"gate.{what} has no prompts left: give prompts not in the eval sets")
-    return kept
+    return [p for p, _ in kept], [i for _, i in kept]
 
 
 def prompt_key(prompt) -> tuple:
@@ -360,25 +390,62 @@ def build_gate(g: GateConfig, sae, model, tokenizer, run, held_out: set = frozen
 
     ``run`` gives ``features`` (a feature gate's default latent), ``layer`` and ``batch_size``
     (an eval-refusal or eval-capability config); prompts in ``held_out`` (see
-    :func:`prompt_key`) are left out of the gate's training and validation sets.
+    :func:`prompt_key`) are left out of the gate's training, cross-fitting and validation sets.
     """
     kw = dict(sae=sae, layer=run.layer, batch_size=run.batch_size)
+    sets = {
+        name: _gate_prompts(getattr(g, name), held_out, name)
+        for name in ("cross_fit_positive", "cross_fit_negative")
+        + (("train_positive", "train_negative") if g.kind == "probe" else ())
+        + (("val_positive", "val_negative") if g.threshold is None else ())
+    }
+    cf_pos, cf_pos_at = sets["cross_fit_positive"]
+    cf_neg, cf_neg_at = sets["cross_fit_negative"]
     if g.kind == "feature":
         feature = g.feature if g.feature is not None else (run.features or [None])[0]
         if feature is None:
             raise ValueError("a feature gate needs gate.feature (or features to steer)")
         gate = FeatureGate(sae, feature)
+        oof_pos = oof_neg = None  # nothing fitted: the cross-fit sets validate as they are
     else:
-        pos = _gate_prompts(g.train_positive, held_out, "train_positive")
-        neg = _gate_prompts(g.train_negative, held_out, "train_negative")
+        if g.folds < 2 and (cf_pos or cf_neg):
+            raise ValueError(f"gate.folds must be at least 2 to cross-fit, got {g.folds}")
+        pos, neg = sets["train_positive"][0] + cf_pos, sets["train_negative"][0] + cf_neg
+        if not pos or not neg:
+            raise ValueError(
+                "a probe gate needs prompts that should open it and prompts that should not: "
+                "list them in gate.train_positive/train_negative or gate.cross_fit_positive/"
+                "cross_fit_negative"
+            )
         acts = pooled_activations(model, tokenizer, pos + neg, pool=g.pool, **kw)
         labels = torch.tensor([1.0] * len(pos) + [0.0] * len(neg))
+        n_tp, n_tn = len(pos) - len(cf_pos), len(neg) - len(cf_neg)
+        # fold of each prompt: -1 for plain training prompts, i mod folds for cross-fit ones
+        fold = torch.tensor(
+            [-1] * n_tp
+            + [i % g.folds for i in cf_pos_at]
+            + [-1] * n_tn
+            + [i % g.folds for i in cf_neg_at]
+        )
         gate = fit_probe(acts, labels, pool=g.pool, l2=g.l2)
+        oof = cross_fit_scores(acts, labels, fold, pool=g.pool, l2=g.l2)
+        oof_pos, oof_neg = oof[n_tp : len(pos)], oof[len(pos) + n_tn :]
     if g.threshold is not None:
         gate.threshold = g.threshold
         return gate, {"threshold": g.threshold, "chosen_on_validation": False}
-    vpos = _gate_prompts(g.val_positive, held_out, "val_positive")
-    vneg = _gate_prompts(g.val_negative, held_out, "val_negative")
-    cal = calibrate(gate, model, tokenizer, vpos, vneg, max_fpr=g.max_fpr, **kw)
-    print(f"saetrain: gate {g.kind}: {cal}")
-    return gate, {**dataclasses.asdict(cal), "chosen_on_validation": True}
+    vpos, vneg = sets["val_positive"][0], sets["val_negative"][0]
+    if oof_pos is None:  # a feature gate: the cross-fit sets are more validation prompts
+        vpos, vneg = vpos + cf_pos, vneg + cf_neg
+    pos_scores = gate_scores(gate, model, tokenizer, vpos, **kw) if vpos else torch.zeros(0)
+    neg_scores = gate_scores(gate, model, tokenizer, vneg, **kw) if vneg else torch.zeros(0)
+    if oof_pos is not None:
+        pos_scores, neg_scores = torch.cat([pos_scores, oof_pos]), torch.cat([neg_scores, oof_neg])
+    cal = choose_threshold(pos_scores, neg_scores, max_fpr=g.max_fpr)
+    gate.threshold = cal.threshold
+    report = {**dataclasses.asdict(cal), "chosen_on_validation": True}
+    how = ""
+    if oof_pos is not None and (cf_pos or cf_neg):
+        report["cross_fit_folds"] = g.folds
+        how = f", {g.folds}-fold cross-fitted"
+    print(f"saetrain: gate {g.kind}{how}: {cal}")
+    return gate, report

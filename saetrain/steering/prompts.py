@@ -5,9 +5,9 @@
 Reads CSV (XSTest, AdvBench, JailbreakBench, HarmBench), JSON (a list of strings or of
 objects, like refusal_direction's ``{instruction, category}``), JSONL, Parquet (WildGuardTest),
 a Hugging Face dataset id (``allenai/wildguardmix`` with ``subset: wildguardtest``), and the
-built-in sets ``builtin:harmful`` / ``builtin:harmless`` / ``builtin:borderline-safe`` /
-``builtin:borderline-unsafe``. Columns are found by name unless
-mapped explicitly:
+built-in sets ``builtin:harmful`` / ``builtin:harmless`` and the gate's paired sets
+``builtin:borderline-safe`` / ``-unsafe`` and ``builtin:terse-safe`` / ``-unsafe`` (see
+:mod:`.borderline`). Columns are found by name unless mapped explicitly:
 
 | field    | tried in order (first present wins)                                     |
 |----------|-------------------------------------------------------------------------|
@@ -53,6 +53,8 @@ BUILTIN_SETS = {
     "harmless": (builtin.harmless_prompts, "safe"),
     "borderline-safe": (borderline.borderline_safe_prompts, "safe"),
     "borderline-unsafe": (borderline.borderline_unsafe_prompts, "unsafe"),
+    "terse-safe": (borderline.terse_safe_prompts, "safe"),
+    "terse-unsafe": (borderline.terse_unsafe_prompts, "unsafe"),
 }
 """Sets written for saetrain, by the name that follows ``builtin:`` in a prompt set's path."""
 
@@ -66,8 +68,9 @@ class PromptSet:
     """Where a set of prompts comes from and how to read it."""
 
     path: str = "builtin:harmful"
-    """A .csv/.json/.jsonl/.parquet file, a Hugging Face dataset id, or builtin:harmful,
-    builtin:harmless, builtin:borderline-safe or builtin:borderline-unsafe."""
+    """A .csv/.json/.jsonl/.parquet file, a Hugging Face dataset id, or a built-in set:
+    builtin:harmful, builtin:harmless, builtin:borderline-safe, builtin:borderline-unsafe,
+    builtin:terse-safe or builtin:terse-unsafe."""
     name: str | None = None
     """Name in reports; default: the file's stem (or the builtin set's name)."""
     format: Format = "auto"
