@@ -10,6 +10,8 @@ import pytest
 from lmfixtures import error_line
 
 from saetrain.cli import main
+from saetrain.steering.commands import EvalRefusalConfig, parse_config
+from saetrain.steering.prompts import PromptSet
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "steering").glob("*.yaml"))
@@ -134,6 +136,21 @@ def test_every_steering_config_parses(config, capsys):
     assert main([command, "--config", str(config), "--print_config"]) == 0
     assert "sae:" in capsys.readouterr().out
     assert config.read_text().startswith("#"), "a config starts with a comment giving its command"
+
+
+def test_the_saved_config_holds_every_default_and_reads_back(tmp_path, capsys):
+    # A gate given in part takes the rest from GateConfig's defaults, prompt sets included: the
+    # YAML written beside the results (and printed by --print_config) holds them all and
+    # --config reads it back to the same config.
+    argv = ["--sae", "s", "--gate", '{"kind": "probe", "folds": 3}']
+    cfg, text = parse_config(EvalRefusalConfig, argv, "eval-refusal")
+    assert "Unable" not in text and "builtin:terse-unsafe" in text
+    (tmp_path / "c.yaml").write_text(text)
+    again, _ = parse_config(EvalRefusalConfig, ["--config", str(tmp_path / "c.yaml")], "x")
+    assert again == cfg and again.gate.folds == 3
+    assert isinstance(again.gate.cross_fit_positive[0], PromptSet)
+    assert main(["eval-refusal", *argv, "--print_config"]) == 0
+    assert capsys.readouterr().out == text
 
 
 def test_a_missing_sae_is_one_line_and_exit_status_2(tmp_path, capsys):

@@ -167,14 +167,31 @@ def _parser(config_cls: type, prog: str):
 
 
 def parse_config(config_cls: type, argv: list[str], prog: str) -> tuple[Any, str]:
-    """The typed config of ``argv`` and its resolved YAML (``--help``/``--print_config`` exit)."""
+    """The typed config of ``argv`` and its resolved YAML (``--help``/``--print_config`` exit).
+
+    The YAML is written from the config itself (every value, defaults included), which
+    ``--config`` reads back: jsonargparse's own dump cannot write the prompt sets in a nested
+    default such as ``gate``'s."""
+    print_config = "--print_config" in argv
+    argv = [a for a in argv if a != "--print_config"]
     parser = _parser(config_cls, prog)
     ns = parser.parse_args(argv)
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     init = instantiate(ns)
-    values = {f.name: init[f.name] for f in dataclasses.fields(config_cls)}
-    ns.pop("config", None)
-    return config_cls(**values), parser.dump(ns)
+    cfg = config_cls(**{f.name: init[f.name] for f in dataclasses.fields(config_cls)})
+    text = config_yaml(cfg)
+    if print_config:
+        print(text, end="")
+        raise SystemExit(0)
+    return cfg, text
+
+
+def config_yaml(cfg) -> str:
+    """A dataclass config as YAML that ``--config`` reads back."""
+    import yaml
+
+    plain = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples become lists
+    return yaml.safe_dump(plain, sort_keys=False, allow_unicode=True)
 
 
 def _load(cfg: Target):
