@@ -6,13 +6,15 @@
     python benchmarks/bench_kernels.py --d-in 3072 --num-latents 24576 --dtypes bf16 --parts
     SAETRAIN_KERNELS=torch python benchmarks/bench_kernels.py --dtypes fp32
 
-Three rows per dtype (fp32, and bf16 autocast with fp32 parameters):
+Rows per dtype (fp32, and bf16 autocast with fp32 parameters):
 - floor: F.linear(x, W_enc, b_enc) alone, the one dense matmul a Top-k step cannot avoid;
+- fused Adam alone: the optimizer step on the SAE's parameters, which no step avoids either
+  (the last line gives the best ratio to the floor a step could reach: matmul + Adam);
 - dense: a plain autograd step (topk on F.linear, x_hat = dense latents @ W_dec);
 - kernels: the same step with saetrain.kernels (encode_topk, decode, decoder-norm step).
 A step is: forward, FVU + AuxK loss (dead latents drawn at --dead-fraction; k_aux =
 min(d_in // 2, dead count) as in sparsify), backward, decoder-gradient projection, fused
-Adam, row renormalisation. Rounds interleave the three and the best round is kept, as other
+Adam, row renormalisation. Rounds interleave the rows and the best round is kept, as other
 work on the machine only ever adds time.
 
 On CPU, glibc hands big tensors fresh pages from mmap and each first touch faults (~0.5 ms
@@ -151,6 +153,13 @@ def bench_steps(args, dtype_name: str) -> None:
                 F.linear(x, p_floor["W_enc"], p_floor["b_enc"])
 
     fns["floor: encoder matmul"] = floor
+    # What the optimizer alone costs: it reads and writes every parameter and both moments
+    # each step, at any batch size, so it bounds the step from below beside the matmul.
+    p_adam = make_sae(d_in, N, args.device)
+    for t in p_adam.values():
+        t.grad = torch.randn_like(t)
+    adam = torch.optim.Adam(p_adam.values(), lr=1e-4, fused=True)
+    fns["fused Adam alone"] = adam.step
     steps = [("dense autograd step", dense_step, False), ("kernel step", kernel_step, True)]
     if x.device.type == "cuda" and get_backend() != "torch":
         steps[1] = ("kernel step (fused)", kernel_step, True)
@@ -171,7 +180,12 @@ def bench_steps(args, dtype_name: str) -> None:
     )
     for name, t in times.items():
         speed = f"{B / t:10.0f} tok/s  {floor_time / t:6.2f} x floor speed"
-        print(f"  {name:26s} {t * 1e3:8.2f} ms  {speed}")
+        print(f"  {name:26s} {t * 1e3:8.2f} ms  {'' if 'Adam' in name else speed}")
+    both = floor_time + times["fused Adam alone"]
+    print(
+        f"  matmul + Adam: {both * 1e3:.2f} ms, so no step beats {floor_time / both:.2f} x the "
+        "floor's speed at this batch (the optimizer's share falls as the batch grows)"
+    )
 
 
 def op_alternatives(B: int, D: int, N: int, k: int, dtype: torch.dtype) -> dict:
