@@ -66,6 +66,15 @@ def test_eval_refusal_sweeps_strengths_with_a_gate_and_writes_every_file(sae_dir
     assert "- add x2 gated: opened on" in summary
 
 
+def gated_eval_args(sae_dir, gate: dict, unsafe: str, out) -> list[str]:
+    """eval-refusal adding feature 3 at strength 2 under ``gate``, on ``unsafe`` and two
+    harmless prompts."""
+    args = ["eval-refusal", "--sae", str(sae_dir), "--features", "[3]", "--op", "add"]
+    args += ["--strength_unit", "absolute", "--strengths", "[2]", "--gate", json.dumps(gate)]
+    args += ["--unsafe", f"[{unsafe}]", "--safe", '[{"path": "builtin:harmless", "limit": 2}]']
+    return [*args, "--out_dir", str(out), *FAST]
+
+
 def test_a_probe_gate_never_trains_or_calibrates_on_an_evaluated_prompt(sae_dir, tmp_path, capsys):
     out = tmp_path / "eval"
     gate = {
@@ -79,10 +88,7 @@ def test_a_probe_gate_never_trains_or_calibrates_on_an_evaluated_prompt(sae_dir,
         "cross_fit_negative": [],
         "compare_ungated": False,
     }
-    args = ["eval-refusal", "--sae", str(sae_dir), "--features", "[3]", "--op", "add"]
-    args += ["--strength_unit", "absolute", "--strengths", "[2]", "--gate", json.dumps(gate)]
-    args += ["--unsafe", '[{"path": "builtin:harmful", "limit": 2}]']
-    args += ["--safe", '[{"path": "builtin:harmless", "limit": 2}]', "--out_dir", str(out), *FAST]
+    args = gated_eval_args(sae_dir, gate, '{"path": "builtin:harmful", "limit": 2}', out)
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "left 2 of 6 gate train_positive prompts out" in printed
@@ -113,11 +119,9 @@ def test_a_cross_fitted_probe_gate_chooses_its_threshold_on_out_of_fold_scores(
         "folds": 3,
         "compare_ungated": False,
     }
-    args = ["eval-refusal", "--sae", str(sae_dir), "--features", "[3]", "--op", "add"]
-    args += ["--strength_unit", "absolute", "--strengths", "[2]", "--gate", json.dumps(gate)]
     # the first terse-unsafe prompt is evaluated, so the gate leaves it out
-    args += ["--unsafe", '[{"path": "builtin:terse-unsafe", "seed": 0, "limit": 1}]']
-    args += ["--safe", '[{"path": "builtin:harmless", "limit": 1}]', "--out_dir", str(out), *FAST]
+    unsafe = '{"path": "builtin:terse-unsafe", "seed": 0, "limit": 1}'
+    args = gated_eval_args(sae_dir, gate, unsafe, out)
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "left 1 of 6 gate cross_fit_positive prompts out" in printed

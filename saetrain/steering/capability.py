@@ -35,9 +35,9 @@ from typing import Any
 from .commands import (
     SteeringSpec,
     Target,
-    _interventions,
     _load,
     _save_config,
+    _settings,
     _units,
     parse_config,
 )
@@ -368,12 +368,7 @@ def run_eval_capability(argv: list[str]) -> None:
         if cfg.gate is not None:
             gate, gate_info = build_gate(cfg.gate, sae, model, tokenizer, cfg)
             (out / "gate.json").write_text(json.dumps(gate_info, indent=2) + "\n")
-        for s in cfg.strengths:
-            ivs = _interventions(cfg, units, s)
-            if gate is None or cfg.gate.compare_ungated:
-                settings.append(Setting(f"{cfg.op} x{s:g}", ivs, strength=s, series="steered"))
-            if gate is not None:
-                settings.append(Setting(f"{cfg.op} x{s:g} gated", ivs, gate, s, series="gated"))
+        settings = _settings(cfg, units, gate)
     rows = evaluate_capability(
         model,
         tokenizer,

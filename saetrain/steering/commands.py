@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 
+from .evaluate import Setting
 from .gate import GateConfig, build_gate, prompt_key
 from .hooks import Intervention, Op, Positions
 from .prompts import PromptSet, load_prompts
@@ -255,6 +256,19 @@ def _interventions(cfg, units: list[float], strength: float) -> list[Interventio
     return [Intervention(list(cfg.features), cfg.op, values, positions=cfg.positions)]
 
 
+def _settings(cfg, units: list[float], gate) -> list[Setting]:
+    """The baseline, then for each strength the steered setting (unless a gate is given and
+    ``gate.compare_ungated`` is off) and the gated one."""
+    settings = [Setting("baseline")]
+    for s in cfg.strengths:
+        ivs = _interventions(cfg, units, s)
+        if gate is None or cfg.gate.compare_ungated:
+            settings.append(Setting(f"{cfg.op} x{s:g}", ivs, strength=s, series="steered"))
+        if gate is not None:
+            settings.append(Setting(f"{cfg.op} x{s:g} gated", ivs, gate, s, series="gated"))
+    return settings
+
+
 def run_features(argv: list[str]) -> None:
     """``python -m saetrain features``: rank refusal features, write features.json/.txt."""
     from .features import find_features, write_table
@@ -328,7 +342,7 @@ def run_steer(argv: list[str]) -> None:
 def run_eval_refusal(argv: list[str]) -> None:
     """``python -m saetrain eval-refusal``: refusal rates for the baseline and each strength."""
     from . import builtin
-    from .evaluate import EvalSet, Setting, evaluate_refusal
+    from .evaluate import EvalSet, evaluate_refusal
     from .judge import make_judge
     from .report import markdown_summary, write_report
 
@@ -347,12 +361,7 @@ def run_eval_refusal(argv: list[str]) -> None:
         if cfg.gate is not None:
             held_out = {prompt_key(r.input) for s in sets for r in s.records}
             gate, gate_info = build_gate(cfg.gate, sae, model, tokenizer, cfg, held_out)
-        for s in cfg.strengths:
-            ivs = _interventions(cfg, units, s)
-            if gate is None or cfg.gate.compare_ungated:
-                settings.append(Setting(f"{cfg.op} x{s:g}", ivs, strength=s, series="steered"))
-            if gate is not None:
-                settings.append(Setting(f"{cfg.op} x{s:g} gated", ivs, gate, s, series="gated"))
+        settings = _settings(cfg, units, gate)
     out = _save_config(cfg.out_dir, yaml)
     rows = evaluate_refusal(
         model,
