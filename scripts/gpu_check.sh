@@ -21,8 +21,10 @@ bench="python3 benchmarks/bench_kernels.py --rounds 5"
     echo "== d_in=3072, num_latents=24576, k=32, B=4096 (the issue's GPU target)"
     timeout 170 $bench --d-in 3072 --num-latents 24576 --dtypes bf16 --parts ${SWEEP:+--sweep}
     timeout 100 $bench --d-in 3072 --num-latents 24576 --dtypes fp32 --parts
-    echo "== the same at B=16384"
+    echo "== the same at B=16384 (at B=4096 fused Adam alone caps any step near 0.45x the floor)"
     timeout 100 $bench --d-in 3072 --num-latents 24576 --dtypes bf16 --batch 16384
+    echo "== the torch path on CUDA (embedding_bag gathers, cuSPARSE CSR scatter) for comparison"
+    SAETRAIN_KERNELS=torch timeout 100 $bench --d-in 3072 --num-latents 24576 --dtypes bf16 --parts
     echo "== d_in=576, num_latents=16384, k=32, B=4096 (the CPU benchmark's shape)"
     timeout 60 $bench --dtypes fp32,bf16 --parts
     echo "== every kernel test on CUDA"
