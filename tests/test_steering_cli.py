@@ -128,6 +128,11 @@ def test_a_cross_fitted_probe_gate_chooses_its_threshold_on_out_of_fold_scores(
     assert "gate probe, 3-fold cross-fitted: threshold" in printed
     g = json.loads((out / "results.json").read_text())["gate"]
     assert (g["n_positive"], g["n_negative"], g["cross_fit_folds"]) == (5, 6, 3)
+    # A fixed threshold: the pairs still train the probe, nothing is chosen.
+    args[args.index("--gate") + 1] = json.dumps({**gate, "threshold": 0.5})
+    assert main(args) == 0
+    g = json.loads((out / "results.json").read_text())["gate"]
+    assert g == {"threshold": 0.5, "chosen_on_validation": False}
     gate["folds"] = 1
     args[args.index("--gate") + 1] = json.dumps(gate)
     assert main(args) == 2

@@ -428,6 +428,8 @@ def build_gate(g: GateConfig, sae, model, tokenizer, run, held_out: set = frozen
             + [i % g.folds for i in cf_neg_at]
         )
         gate = fit_probe(acts, labels, pool=g.pool, l2=g.l2)
+        if g.threshold is not None:  # nothing to choose: skip the folds' probes
+            fold = torch.full_like(fold, -1)
         oof = cross_fit_scores(acts, labels, fold, pool=g.pool, l2=g.l2)
         oof_pos, oof_neg = oof[n_tp : len(pos)], oof[len(pos) + n_tn :]
     if g.threshold is not None:
