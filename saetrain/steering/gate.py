@@ -401,14 +401,18 @@ def build_gate(g: GateConfig, sae, model, tokenizer, run, held_out: set = frozen
     }
     cf_pos, cf_pos_at = sets["cross_fit_positive"]
     cf_neg, cf_neg_at = sets["cross_fit_negative"]
+    # A probe fits on the cross-fit sets too and, to choose its threshold, scores each of their
+    # prompts with a probe fitted without its fold; a feature gate (nothing fitted) scores them
+    # as validation prompts.
+    cross_fitted = g.kind == "probe" and bool(cf_pos or cf_neg)
+    oof_pos = oof_neg = torch.zeros(0)  # the cross-fit prompts' out-of-fold scores
     if g.kind == "feature":
         feature = g.feature if g.feature is not None else (run.features or [None])[0]
         if feature is None:
             raise ValueError("a feature gate needs gate.feature (or features to steer)")
         gate = FeatureGate(sae, feature)
-        oof_pos = oof_neg = None  # nothing fitted: the cross-fit sets validate as they are
     else:
-        if g.folds < 2 and (cf_pos or cf_neg):
+        if cross_fitted and g.folds < 2:
             raise ValueError(f"gate.folds must be at least 2 to cross-fit, got {g.folds}")
         pos, neg = sets["train_positive"][0] + cf_pos, sets["train_negative"][0] + cf_neg
         if not pos or not neg:
@@ -419,34 +423,32 @@ def build_gate(g: GateConfig, sae, model, tokenizer, run, held_out: set = frozen
             )
         acts = pooled_activations(model, tokenizer, pos + neg, pool=g.pool, **kw)
         labels = torch.tensor([1.0] * len(pos) + [0.0] * len(neg))
-        n_tp, n_tn = len(pos) - len(cf_pos), len(neg) - len(cf_neg)
-        # fold of each prompt: -1 for plain training prompts, i mod folds for cross-fit ones
-        fold = torch.tensor(
-            [-1] * n_tp
-            + [i % g.folds for i in cf_pos_at]
-            + [-1] * n_tn
-            + [i % g.folds for i in cf_neg_at]
-        )
         gate = fit_probe(acts, labels, pool=g.pool, l2=g.l2)
-        if g.threshold is not None:  # nothing to choose: skip the folds' probes
-            fold = torch.full_like(fold, -1)
-        oof = cross_fit_scores(acts, labels, fold, pool=g.pool, l2=g.l2)
-        oof_pos, oof_neg = oof[n_tp : len(pos)], oof[len(pos) + n_tn :]
+        if cross_fitted and g.threshold is None:
+            n_tp, n_tn = len(pos) - len(cf_pos), len(neg) - len(cf_neg)
+            # fold of each prompt: -1 for plain training prompts, i mod folds for cross-fit ones
+            fold = torch.tensor(
+                [-1] * n_tp
+                + [i % g.folds for i in cf_pos_at]
+                + [-1] * n_tn
+                + [i % g.folds for i in cf_neg_at]
+            )
+            oof = cross_fit_scores(acts, labels, fold, pool=g.pool, l2=g.l2)
+            oof_pos, oof_neg = oof[n_tp : len(pos)], oof[len(pos) + n_tn :]
     if g.threshold is not None:
         gate.threshold = g.threshold
         return gate, {"threshold": g.threshold, "chosen_on_validation": False}
     vpos, vneg = sets["val_positive"][0], sets["val_negative"][0]
-    if oof_pos is None:  # a feature gate: the cross-fit sets are more validation prompts
+    if g.kind == "feature":
         vpos, vneg = vpos + cf_pos, vneg + cf_neg
     pos_scores = gate_scores(gate, model, tokenizer, vpos, **kw) if vpos else torch.zeros(0)
     neg_scores = gate_scores(gate, model, tokenizer, vneg, **kw) if vneg else torch.zeros(0)
-    if oof_pos is not None:
-        pos_scores, neg_scores = torch.cat([pos_scores, oof_pos]), torch.cat([neg_scores, oof_neg])
+    pos_scores, neg_scores = torch.cat([pos_scores, oof_pos]), torch.cat([neg_scores, oof_neg])
     cal = choose_threshold(pos_scores, neg_scores, max_fpr=g.max_fpr)
     gate.threshold = cal.threshold
     report = {**dataclasses.asdict(cal), "chosen_on_validation": True}
     how = ""
-    if oof_pos is not None and (cf_pos or cf_neg):
+    if cross_fitted:
         report["cross_fit_folds"] = g.folds
         how = f", {g.folds}-fold cross-fitted"
     print(f"saetrain: gate {g.kind}{how}: {cal}")
