@@ -72,26 +72,26 @@ class DecodePairFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_x_hat: Tensor | None, grad_e_hat: Tensor | None):
         acts, indices, aux_acts, aux_indices, W_dec = ctx.saved_tensors
-        groups = [
-            (slot, grad.contiguous(), values, ids, compact)
-            for slot, (grad, values, ids, compact) in enumerate(
-                (
-                    (grad_x_hat, acts, indices, ctx.compacts[0]),
-                    (grad_e_hat, aux_acts, aux_indices, ctx.compacts[1]),
-                )
-            )
-            if grad is not None
-        ]
+        grads = (grad_x_hat, grad_e_hat)
+        live = [slot for slot in (0, 1) if grads[slot] is not None]
+        values, ids = (acts, aux_acts), (indices, aux_indices)
         grad_acts: list[Tensor | None] = [None, None]
         grad_W_dec = None
-        for slot, grad, values, ids, compact in groups:
+        for slot in live:
+            grad, compact = grads[slot].contiguous(), ctx.compacts[slot]  # (B, d_in)
             if ctx.needs_input_grad[2 * slot]:
-                grad_acts[slot] = gather_dot(grad, ids, W_dec, compact)  # (B, k)
+                grad_acts[slot] = gather_dot(grad, ids[slot], W_dec, compact)  # (B, k)
             if ctx.needs_input_grad[4]:  # two groups: summed in fp32, rounded once
-                dtype = W_dec.dtype if len(groups) == 1 else torch.float32
+                dtype = W_dec.dtype if len(live) == 1 else torch.float32
                 grad_W_dec = scatter_outer(
-                    values, ids, grad, W_dec.shape[0], grad_W_dec, compact=compact, dtype=dtype
-                )
+                    values[slot],
+                    ids[slot],
+                    grad,
+                    W_dec.shape[0],
+                    grad_W_dec,
+                    compact=compact,
+                    dtype=dtype,
+                )  # (num_latents, d_in)
         if grad_W_dec is not None:
             grad_W_dec = grad_W_dec.to(W_dec.dtype)  # (num_latents, d_in)
         return grad_acts[0], None, grad_acts[1], None, grad_W_dec
