@@ -15,7 +15,7 @@ override with SAETRAIN_KERNELS=auto|triton|torch or `set_backend`.
 """
 
 from ._backend import get_backend, set_backend
-from .decode import DecodeFunction, DecodePairFunction, decode, decode_pair, decode_reference
+from .decode import DecodeFunction, decode, decode_pair, decode_reference
 from .decoder_norm import (
     decoder_norm_step,
     normalize_decoder_,
@@ -27,7 +27,6 @@ from .encode import EncodeOutput, EncodeTopkFunction, encode_topk, encode_topk_r
 
 __all__ = [
     "DecodeFunction",
-    "DecodePairFunction",
     "EncodeOutput",
     "EncodeTopkFunction",
     "decode",

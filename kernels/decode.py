@@ -11,6 +11,11 @@ kernels in `sparse_ops.py`, the host checks in `decode`, and `DecodeFunction`.
 `decode_pair` runs the main and the AuxK decode through the same W_dec with one gradient
 for it: rows both touch are summed in fp32 and rounded once, and no second (num_latents,
 d_in) gradient is allocated, zeroed and added by autograd.
+
+Under torch.autocast the outputs are in the autocast dtype, as F.linear's would be, but
+W_dec enters the Function in its own dtype: the gathers read it cast once (CUDA) or as it
+is (CPU; see `sparse_ops.HALF_TABLE_DEVICES`), and its gradient is summed in fp32 and
+returned in W_dec's dtype, never rounded to the autocast dtype and back on the way.
 """
 
 from __future__ import annotations
@@ -18,7 +23,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .sparse_ops import check_rows, compact_rows, gather_combine, gather_dot, scatter_outer
+from .sparse_ops import (
+    autocast_dtype,
+    check_rows,
+    compact_rows,
+    gather_combine,
+    gather_dot,
+    scatter_outer,
+    table_for,
+)
 
 
 def decode_reference(latent_acts: Tensor, latent_indices: Tensor, W_dec: Tensor) -> Tensor:
@@ -28,82 +41,59 @@ def decode_reference(latent_acts: Tensor, latent_indices: Tensor, W_dec: Tensor)
 
 
 class DecodeFunction(torch.autograd.Function):
-    """Sparse decode with a sparse backward: grads for latent_acts and W_dec, none dense."""
+    """Sparse decodes of one or more (acts, indices) groups through one W_dec.
+
+    ``DecodeFunction.apply(W_dec, dtype, acts_1, indices_1, acts_2, indices_2, ...)`` returns
+    one (B, d_in) output per group, in `dtype`. The backward is sparse: grads for each group's
+    acts and one grad W_dec, summed over the groups in fp32 and rounded once; an output that
+    gets no gradient costs no backward work.
+    """
 
     @staticmethod
-    def forward(ctx, latent_acts: Tensor, latent_indices: Tensor, W_dec: Tensor) -> Tensor:
-        ctx.save_for_backward(latent_acts, latent_indices, W_dec)
-        # CPU, few distinct latents (AuxK): dense over them, planned once for both passes.
-        ctx.compact = compact_rows(latent_indices, W_dec.shape[0])
-        return gather_combine(latent_acts, latent_indices, W_dec, ctx.compact)  # (B, d_in)
+    def forward(ctx, W_dec: Tensor, dtype: torch.dtype, *groups: Tensor):
+        table = table_for(W_dec, dtype)  # (num_latents, d_in)
+        acts = [a.to(table.dtype) for a in groups[0::2]]  # (B, k_g) each
+        indices = groups[1::2]
+        ctx.save_for_backward(table, *acts, *indices)
+        ctx.dtypes = (W_dec.dtype, *(a.dtype for a in groups[0::2]))
+        # Few distinct latents (AuxK): dense over them, planned once for both passes.
+        ctx.compacts = [compact_rows(i, table.shape[0]) for i in indices]
+        ctx.set_materialize_grads(False)
+        return tuple(
+            gather_combine(a, i, table, c).to(dtype)  # (B, d_in)
+            for a, i, c in zip(acts, indices, ctx.compacts, strict=True)
+        )
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        latent_acts, latent_indices, W_dec = ctx.saved_tensors
-        grad_out = grad_out.contiguous()  # (B, d_in)
-        grad_acts = grad_W_dec = None
-        if ctx.needs_input_grad[0]:
-            grad_acts = gather_dot(grad_out, latent_indices, W_dec, ctx.compact)  # (B, k)
-        if ctx.needs_input_grad[2]:
-            # k rows of W_dec per token, scatter-added in fp32.
-            grad_W_dec = scatter_outer(
-                latent_acts,
-                latent_indices,
-                grad_out,
-                W_dec.shape[0],
-                compact=ctx.compact,
-                dtype=W_dec.dtype,
-            )  # (num_latents, d_in)
-        return grad_acts, None, grad_W_dec
+    def backward(ctx, *grad_outs: Tensor | None):
+        table, *saved = ctx.saved_tensors
+        n = len(grad_outs)
+        acts, indices = saved[:n], saved[n:]
+        live = [g for g in range(n) if grad_outs[g] is not None]
+        grads: list[Tensor | None] = [None] * (2 + 2 * n)  # W_dec, dtype, (acts, indices) * n
+        grad_W = None
+        for g in live:
+            grad = grad_outs[g].to(table.dtype).contiguous()  # (B, d_in)
+            if ctx.needs_input_grad[2 + 2 * g]:
+                dots = gather_dot(grad, indices[g], table, ctx.compacts[g])  # (B, k_g)
+                grads[2 + 2 * g] = dots.to(ctx.dtypes[1 + g])
+            if ctx.needs_input_grad[0]:  # several groups: summed in fp32, rounded once
+                dtype = ctx.dtypes[0] if len(live) == 1 else torch.float32
+                N, compact = table.shape[0], ctx.compacts[g]
+                grad_W = scatter_outer(acts[g], indices[g], grad, N, grad_W, None, compact, dtype)
+        if grad_W is not None:
+            grads[0] = grad_W.to(ctx.dtypes[0])
+        return tuple(grads)
 
 
-class DecodePairFunction(torch.autograd.Function):
-    """Two sparse decodes through one W_dec (the main and the AuxK latents), one grad W_dec."""
-
-    @staticmethod
-    def forward(ctx, acts, indices, aux_acts, aux_indices, W_dec):
-        ctx.save_for_backward(acts, indices, aux_acts, aux_indices, W_dec)
-        ctx.compacts = tuple(compact_rows(i, W_dec.shape[0]) for i in (indices, aux_indices))
-        ctx.set_materialize_grads(False)  # an unused output costs no backward work
-        x_hat = gather_combine(acts, indices, W_dec, ctx.compacts[0])  # (B, d_in)
-        e_hat = gather_combine(aux_acts, aux_indices, W_dec, ctx.compacts[1])  # (B, d_in)
-        return x_hat, e_hat
-
-    @staticmethod
-    def backward(ctx, grad_x_hat: Tensor | None, grad_e_hat: Tensor | None):
-        acts, indices, aux_acts, aux_indices, W_dec = ctx.saved_tensors
-        grads = (grad_x_hat, grad_e_hat)
-        live = [slot for slot in (0, 1) if grads[slot] is not None]
-        values, ids = (acts, aux_acts), (indices, aux_indices)
-        grad_acts: list[Tensor | None] = [None, None]
-        grad_W_dec = None
-        for slot in live:
-            grad, compact = grads[slot].contiguous(), ctx.compacts[slot]  # (B, d_in)
-            if ctx.needs_input_grad[2 * slot]:
-                grad_acts[slot] = gather_dot(grad, ids[slot], W_dec, compact)  # (B, k)
-            if ctx.needs_input_grad[4]:  # two groups: summed in fp32, rounded once
-                dtype = W_dec.dtype if len(live) == 1 else torch.float32
-                grad_W_dec = scatter_outer(
-                    values[slot],
-                    ids[slot],
-                    grad,
-                    W_dec.shape[0],
-                    grad_W_dec,
-                    compact=compact,
-                    dtype=dtype,
-                )  # (num_latents, d_in)
-        if grad_W_dec is not None:
-            grad_W_dec = grad_W_dec.to(W_dec.dtype)  # (num_latents, d_in)
-        return grad_acts[0], None, grad_acts[1], None, grad_W_dec
-
-
-def _autocast_inputs(W_dec: Tensor, *acts: Tensor) -> tuple[Tensor, ...]:
-    """Under torch.autocast, the float inputs cast to the autocast dtype, as F.linear would."""
-    device_type = W_dec.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return (*acts, W_dec)
-    dtype = torch.get_autocast_dtype(device_type)
-    return (*(a.to(dtype) for a in acts), W_dec.to(dtype))
+def _decode(W_dec: Tensor, *groups: Tensor) -> tuple[Tensor, ...]:
+    """Check each (acts, indices) group, then decode them all through one DecodeFunction."""
+    cast = autocast_dtype(W_dec.device)
+    for g in range(0, len(groups), 2):
+        name = "decode" if g == 0 else "decode (aux)"
+        check_rows(name, groups[g + 1], groups[g], W_dec, same_dtype=cast is None)
+    with torch.autocast(W_dec.device.type, enabled=False):
+        return DecodeFunction.apply(W_dec, cast or W_dec.dtype, *groups)
 
 
 def decode_pair(
@@ -116,11 +106,8 @@ def decode_pair(
     """``decode`` of the main latents (B, k) and of the AuxK latents (B, k_aux) through the
     same ``W_dec``: (x_hat, e_hat), each (B, d_in), as two ``decode`` calls would give, with
     one gradient for W_dec (fp32 sums, one rounding)."""
-    latent_acts, aux_acts, W_dec = _autocast_inputs(W_dec, latent_acts, aux_acts)
-    check_rows("decode", latent_indices, latent_acts, W_dec)
-    check_rows("decode (aux)", aux_indices, aux_acts, W_dec)
-    with torch.autocast(W_dec.device.type, enabled=False):
-        return DecodePairFunction.apply(latent_acts, latent_indices, aux_acts, aux_indices, W_dec)
+    x_hat, e_hat = _decode(W_dec, latent_acts, latent_indices, aux_acts, aux_indices)
+    return x_hat, e_hat
 
 
 def decode(latent_acts: Tensor, latent_indices: Tensor, W_dec: Tensor) -> Tensor:
@@ -129,13 +116,12 @@ def decode(latent_acts: Tensor, latent_indices: Tensor, W_dec: Tensor) -> Tensor
     Args:
         latent_acts: (B, k) float, the latent values.
         latent_indices: (B, k) int64/int32, which rows of W_dec they scale; may repeat.
-        W_dec: (num_latents, d_in) float, same dtype as latent_acts.
+        W_dec: (num_latents, d_in) float, same dtype as latent_acts (any float dtype under
+            torch.autocast).
 
-    Returns the (B, d_in) reconstruction without b_dec, in W_dec's dtype, accumulated in
-    fp32. Differentiable w.r.t. latent_acts and W_dec. Under torch.autocast the float
-    inputs are cast to the autocast dtype first, as F.linear would.
+    Returns the (B, d_in) reconstruction without b_dec, in W_dec's dtype (under autocast:
+    the autocast dtype), accumulated in fp32. Differentiable w.r.t. latent_acts and W_dec;
+    W_dec's gradient is in its own dtype, summed in fp32.
     """
-    latent_acts, W_dec = _autocast_inputs(W_dec, latent_acts)
-    check_rows("decode", latent_indices, latent_acts, W_dec)
-    with torch.autocast(W_dec.device.type, enabled=False):
-        return DecodeFunction.apply(latent_acts, latent_indices, W_dec)
+    (x_hat,) = _decode(W_dec, latent_acts, latent_indices)
+    return x_hat

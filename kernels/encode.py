@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._backend import CPU_FAST_HALF_MATMUL, HAS_TRITON, use_triton
-from .sparse_ops import _pow2, compact_rows, gather_combine, scatter_outer
+from .sparse_ops import _pow2, autocast_dtype, compact_rows, gather_combine, scatter_outer
 from .topk import NEG_KEY, select_topk, unpack_keys
 
 if HAS_TRITON:
@@ -148,8 +148,6 @@ def _encode_torch(x, W_enc, b_enc, k, dead_mask, k_aux) -> EncodeOutput:
     """Matmul chunk by chunk, selecting top-k (and aux) from each chunk before the next."""
     B, N = x.shape[0], W_enc.shape[0]
     out_dtype, on_cpu = x.dtype, x.device.type == "cpu"
-    if on_cpu and x.dtype != torch.float32 and not CPU_FAST_HALF_MATMUL:
-        x, W_enc, b_enc = x.float(), W_enc.float(), b_enc.float()
     acts = torch.empty(B, k, dtype=out_dtype, device=x.device)  # (B, k)
     indices = torch.empty(B, k, dtype=torch.int64, device=x.device)
     aux_acts = torch.empty(B, k_aux, dtype=out_dtype, device=x.device)  # (B, k_aux')
@@ -239,23 +237,42 @@ def _encode_triton(x, W_enc, b_enc, k, dead_mask, k_aux) -> EncodeOutput:
     return EncodeOutput(acts, indices, aux_values.relu().to(x.dtype), aux_indices)
 
 
+def _matmul_dtype(dtype: torch.dtype, device: torch.device, triton_path: bool) -> torch.dtype:
+    """The dtype the encoder matmul runs in for outputs in `dtype`: fp32 on the torch path on
+    CPUs whose half matmuls are slower (`CPU_FAST_HALF_MATMUL`), else `dtype` itself."""
+    if not triton_path and device.type == "cpu" and not CPU_FAST_HALF_MATMUL:
+        return torch.float32
+    return dtype
+
+
 class EncodeTopkFunction(torch.autograd.Function):
-    """Top-k (+ AuxK) encoder whose backward touches only the selected columns."""
+    """Top-k (+ AuxK) encoder whose backward touches only the selected columns.
+
+    ``apply(x, W_enc, b_enc, k, dead_mask, k_aux, dtype)``: latent values in `dtype` (the
+    autocast dtype, or x's); the inputs keep their own dtypes and their gradients come back
+    in them, W_enc's and b_enc's summed in fp32 and never rounded to `dtype` on the way.
+    """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k: int, dead_mask, k_aux: int):
-        encode = _encode_triton if use_triton(x.device) else _encode_torch
+    def forward(ctx, x, W_enc, b_enc, k: int, dead_mask, k_aux: int, dtype: torch.dtype):
+        triton_path = use_triton(x.device)
+        encode = _encode_triton if triton_path else _encode_torch
         if x.shape[0] == 0:
             encode = encode_topk_reference
-        out = encode(x, W_enc, b_enc, k, dead_mask, k_aux)
+        mm_dtype = _matmul_dtype(dtype, x.device, triton_path)
+        x_mm, W_mm = x.to(mm_dtype), W_enc.to(mm_dtype)  # no copy where already in it
+        out = encode(x_mm, W_mm, b_enc.to(mm_dtype), k, dead_mask, k_aux)
+        out = out._replace(latent_acts=out.latent_acts.to(dtype), aux_acts=out.aux_acts.to(dtype))
         ctx.mark_non_differentiable(out.latent_indices, out.aux_indices)
-        ctx.save_for_backward(x, W_enc, *out)
+        ctx.save_for_backward(x_mm, W_mm, *out)
+        ctx.dtypes = (x.dtype, W_enc.dtype, b_enc.dtype)
         ctx.set_materialize_grads(False)  # an unused aux output costs no backward work
         return tuple(out)
 
     @staticmethod
     def backward(ctx, grad_acts, _grad_indices, grad_aux, _grad_aux_indices):
-        x, W_enc, acts, indices, aux_acts, aux_indices = ctx.saved_tensors
+        x, W_enc, acts, indices, aux_acts, aux_indices = ctx.saved_tensors  # x, W_enc: as used
+        x_dtype, W_dtype, b_dtype = ctx.dtypes
         N = W_enc.shape[0]
         needs_x, needs_W, needs_b = ctx.needs_input_grad[:3]
         grad_x = grad_W = grad_b = None
@@ -270,24 +287,24 @@ class EncodeTopkFunction(torch.autograd.Function):
         ]
         for grad, values, ids in groups:
             # relu: the gradient of the pre-activation passes only where the value is > 0.
-            grad_pre = (grad * (values > 0)).to(x.dtype).contiguous()  # (B, k)
+            grad_pre = (grad * (values > 0)).to(W_enc.dtype).contiguous()  # (B, k)
             compact = compact_rows(ids, N)
             if needs_x:  # two groups: sum them in fp32, round once
                 part = gather_combine(grad_pre, ids, W_enc, compact, fp32_out=len(groups) > 1)
                 grad_x = part if grad_x is None else grad_x.add_(part)  # (B, d_in)
             if needs_W or needs_b:  # one group: rounded once, straight to W_enc's dtype
-                dtype = W_enc.dtype if len(groups) == 1 else torch.float32
+                dtype = W_dtype if len(groups) == 1 else torch.float32
                 grad_W = scatter_outer(grad_pre, ids, x, N, grad_W, grad_b, compact, dtype)
         if grad_x is not None:
-            grad_x = grad_x.to(x.dtype)
+            grad_x = grad_x.to(x_dtype)
         if grad_W is not None:
-            grad_W = grad_W.to(W_enc.dtype) if needs_W else None  # (num_latents, d_in)
+            grad_W = grad_W.to(W_dtype) if needs_W else None  # (num_latents, d_in)
         if grad_b is not None:
-            grad_b = grad_b.to(W_enc.dtype)  # (num_latents,)
-        return grad_x, grad_W, grad_b, None, None, None
+            grad_b = grad_b.to(b_dtype)  # (num_latents,)
+        return grad_x, grad_W, grad_b, None, None, None, None
 
 
-def _check_encode(x, W_enc, b_enc, k, dead_mask, k_aux) -> None:
+def _check_encode(x, W_enc, b_enc, k, dead_mask, k_aux, same_dtype: bool) -> None:
     if x.dim() != 2 or W_enc.dim() != 2 or x.shape[1] != W_enc.shape[1]:
         raise ValueError(
             f"encode_topk: x must be (B, d_in) and W_enc (num_latents, d_in), got x "
@@ -305,8 +322,10 @@ def _check_encode(x, W_enc, b_enc, k, dead_mask, k_aux) -> None:
             f"encode_topk: dead_mask must be a ({N},) bool tensor, got "
             f"{tuple(dead_mask.shape)} {dead_mask.dtype}."
         )
-    for name, t in (("W_enc", W_enc), ("b_enc", b_enc)):
-        if t.dtype != x.dtype:
+    for name, t in (("x", x), ("W_enc", W_enc), ("b_enc", b_enc)):
+        if not t.is_floating_point():
+            raise ValueError(f"encode_topk: {name} must be a float tensor, got {t.dtype}.")
+        if same_dtype and t.dtype != x.dtype:
             raise ValueError(
                 f"encode_topk: x is {x.dtype} but {name} is {t.dtype}; cast one to the other "
                 "(or run under torch.autocast)."
@@ -325,20 +344,21 @@ def encode_topk(
 
     Args:
         x: (B, d_in) input, b_dec already subtracted.
-        W_enc: (num_latents, d_in), nn.Linear layout; b_enc: (num_latents,). Same dtype as x.
+        W_enc: (num_latents, d_in), nn.Linear layout; b_enc: (num_latents,). Same dtype
+            as x (any float dtypes under torch.autocast).
         k: latents kept per token, 1 <= k <= num_latents.
         dead_mask: (num_latents,) bool, True for dead latents (AuxK; Gao et al. 2024).
         k_aux: aux latents per token, chosen among dead ones only; capped at their number.
 
     Returns an `EncodeOutput`. Differentiable w.r.t. x, W_enc and b_enc through latent_acts
-    and aux_acts; the backward is sparse. Under torch.autocast the float inputs are cast
-    to the autocast dtype first, as F.linear would.
+    and aux_acts; the backward is sparse. Under torch.autocast x, W_enc and b_enc may have any
+    float dtypes: the matmul runs in the autocast dtype, as F.linear's would (in fp32 on CPUs
+    whose half matmuls are slower), the latent values come out in it, and the gradients go
+    back in each input's own dtype, W_enc's and b_enc's summed in fp32.
     """
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, W_enc, b_enc = x.to(dtype), W_enc.to(dtype), b_enc.to(dtype)
-    _check_encode(x, W_enc, b_enc, k, dead_mask, k_aux)
-    with torch.autocast(device_type, enabled=False):
-        out = EncodeTopkFunction.apply(x, W_enc, b_enc, k, dead_mask, _num_aux(dead_mask, k_aux))
+    cast = autocast_dtype(x.device)
+    _check_encode(x, W_enc, b_enc, k, dead_mask, k_aux, same_dtype=cast is None)
+    n_aux, dtype = _num_aux(dead_mask, k_aux), cast or x.dtype
+    with torch.autocast(x.device.type, enabled=False):
+        out = EncodeTopkFunction.apply(x, W_enc, b_enc, k, dead_mask, n_aux, dtype)
     return EncodeOutput(*out)

@@ -376,6 +376,10 @@ def test_host_wrappers_reject_bad_inputs_with_a_clear_message():
         decode(torch.rand(3, 2, dtype=torch.float64), idx, W)
     with pytest.raises(ValueError, match="int32/int64"):
         decode(torch.rand(3, 2), idx.float(), W)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts floats, not ints
+        assert decode(torch.rand(3, 2, dtype=torch.float64), idx, W).dtype == torch.bfloat16
+        with pytest.raises(ValueError, match="latent values must be a float tensor"):
+            decode(torch.ones(3, 2, dtype=torch.int64), idx, W)
     with pytest.raises(ValueError, match="contiguous"):
         decode(torch.rand(2, 3).T, idx, W)
     x, b = torch.randn(3, 4), torch.zeros(10)
@@ -411,16 +415,55 @@ def test_an_unknown_backend_in_the_environment_fails_at_import():
     assert "SAETRAIN_KERNELS environment variable is 'fast'" in result.stderr
 
 
-def test_kernels_follow_autocast_and_send_fp32_gradients_to_fp32_parameters():
-    x, W_enc, b_enc = make_encoder(24, 100, torch.float32, "cpu")
-    W_dec = torch.randn(100, 24, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = encode_topk(x, W_enc, b_enc, 5)
-        x_hat = decode(out.latent_acts, out.latent_indices, W_dec)
-    assert out.latent_acts.dtype == torch.bfloat16 and x_hat.dtype == torch.bfloat16
-    x_hat.float().pow(2).sum().backward()
-    assert W_enc.grad.dtype == torch.float32 and W_dec.grad.dtype == torch.float32
-    assert x.grad.abs().sum() > 0
+def scatter_sum(values, indices, vectors, num_rows):
+    """fp64 sum of values[b, j] * vectors[b] into row indices[b, j]: (num_rows, d)."""
+    rows = values.double().unsqueeze(-1) * vectors.double().unsqueeze(1)  # (B, k, d)
+    out = torch.zeros(num_rows, vectors.shape[1], dtype=torch.float64, device=vectors.device)
+    return out.index_add_(0, indices.reshape(-1), rows.reshape(-1, vectors.shape[1]))
+
+
+@pytest.mark.parametrize("half_table", [False, True], ids=["master-table", "half-table"])
+def test_under_autocast_fp32_weights_get_fp32_gradients_never_rounded_to_bf16(
+    device, half_table, monkeypatch
+):
+    # Under bf16 autocast with fp32 parameters, as Lightning's bf16-mixed trains: values come
+    # out in bf16, but W_enc and W_dec enter the kernels in fp32 and their gradients are fp32
+    # sums of the bf16 products, not rounded to bf16 and cast back (which also cost two
+    # copies of each weight a step). half-table: the gathers read a bf16 copy of the table,
+    # as on CUDA.
+    if half_table:
+        monkeypatch.setattr(sparse_ops, "HALF_TABLE_DEVICES", frozenset({device.type}))
+    x, W_enc, b_enc = make_encoder(24, 100, torch.float32, device)
+    gen = torch.Generator().manual_seed(5)
+    W_dec = torch.randn(100, 24, generator=gen).to(device).requires_grad_()
+    dead_mask = (torch.arange(100) % 3 == 0).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = encode_topk(x, W_enc, b_enc, 5, dead_mask, 6)
+        x_hat, e_hat = decode_pair(*out, W_dec)
+    assert out.latent_acts.dtype == out.aux_acts.dtype == x_hat.dtype == torch.bfloat16
+    for acts in (out.latent_acts, out.aux_acts):
+        acts.retain_grad()
+    up = [torch.randn(7, 24, generator=gen).to(device) for _ in range(2)]
+    ((x_hat.float() * up[0]).sum() + (e_hat.float() * up[1]).sum()).backward()
+    for p in (x, W_enc, b_enc, W_dec):
+        assert p.grad.dtype == torch.float32
+
+    # W_dec: the bf16 values times the upstream gradients as they reach the kernel (bf16).
+    main, aux = (out.latent_acts, out.latent_indices), (out.aux_acts, out.aux_indices)
+    want = scatter_sum(*main, up[0].bfloat16(), 100) + scatter_sum(*aux, up[1].bfloat16(), 100)
+    torch.testing.assert_close(W_dec.grad.double(), want, rtol=1e-6, atol=1e-6)
+    # W_enc: the values' gradients through the relu, times x as the matmul read it.
+    mm = encode_module._matmul_dtype(torch.bfloat16, device, use_triton(device))
+    x_mm = x.detach().to(mm)
+    want = sum(
+        scatter_sum((a.grad * (a > 0)).to(mm), i, x_mm, 100) for a, i in (main, aux)
+    )  # (100, 24)
+    torch.testing.assert_close(W_enc.grad.double(), want, rtol=1e-6, atol=1e-6)
+    # Neither was rounded to bf16 on the way: most entries need fp32's mantissa.
+    for grad in (W_dec.grad, W_enc.grad):
+        used = grad != 0
+        assert (grad.bfloat16().float() != grad)[used].float().mean() > 0.9
+    assert x.grad.abs().sum() > 0 and b_enc.grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------- a whole training step
