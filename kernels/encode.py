@@ -22,7 +22,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._backend import CPU_FAST_HALF_MATMUL, HAS_TRITON, use_triton
-from .sparse_ops import _pow2, autocast_dtype, compact_rows, gather_combine, scatter_outer
+from .sparse_ops import (
+    _pow2,
+    autocast_dtype,
+    compact_rows,
+    gather_combine,
+    plan_rows,
+    scatter_outer,
+)
 from .topk import NEG_KEY, select_topk, unpack_keys
 
 if HAS_TRITON:
@@ -144,15 +151,24 @@ def _num_aux(dead_mask: Tensor | None, k_aux: int) -> int:
     return min(k_aux, int(dead_mask.sum()))
 
 
-def _encode_torch(x, W_enc, b_enc, k, dead_mask, k_aux) -> EncodeOutput:
-    """Matmul chunk by chunk, selecting top-k (and aux) from each chunk before the next."""
+def _dead_ids(dead_mask: Tensor | None, k_aux: int) -> Tensor | None:
+    """(num_dead,) ids of the dead latents when AuxK runs, else None. One host sync."""
+    return dead_mask.nonzero().squeeze(1) if dead_mask is not None and k_aux else None
+
+
+def _encode_torch(x, W_enc, b_enc, k, dead_mask, k_aux, dead_ids=None) -> EncodeOutput:
+    """Matmul chunk by chunk, selecting top-k (and aux) from each chunk before the next.
+
+    `dead_ids`: `dead_mask`'s nonzero entries, when the caller has them already.
+    """
     B, N = x.shape[0], W_enc.shape[0]
     out_dtype, on_cpu = x.dtype, x.device.type == "cpu"
     acts = torch.empty(B, k, dtype=out_dtype, device=x.device)  # (B, k)
     indices = torch.empty(B, k, dtype=torch.int64, device=x.device)
     aux_acts = torch.empty(B, k_aux, dtype=out_dtype, device=x.device)  # (B, k_aux')
     aux_indices = torch.empty(B, k_aux, dtype=torch.int64, device=x.device)
-    dead_ids = dead_mask.nonzero().squeeze(1) if k_aux else None  # (num_dead,)
+    if dead_ids is None:
+        dead_ids = _dead_ids(dead_mask, k_aux)  # (num_dead,)
     chunk = CPU_CHUNK_ROWS if on_cpu else max(B, 1)
     buffer = torch.empty(min(chunk, B), N, dtype=x.dtype, device=x.device)
     for start in range(0, B, chunk):
@@ -193,14 +209,14 @@ def _fused_blocks(KP: int, KAP: int, dtype: torch.dtype, interpreted: bool):
     return BLOCK_B, max(64, KP, KAP), 32, 8
 
 
-def _encode_triton(x, W_enc, b_enc, k, dead_mask, k_aux) -> EncodeOutput:
+def _encode_triton(x, W_enc, b_enc, k, dead_mask, k_aux, dead_ids=None) -> EncodeOutput:
     """The fused kernel when k (and k_aux) are small enough, else matmul + torch.topk."""
     B, D = x.shape
     N = W_enc.shape[0]
     KP, KAP = _pow2(k, 1, 1 << 30), _pow2(k_aux, 1, 1 << 30)
     interpreted = x.device.type != "cuda"
     if KP > MAX_FUSED_K or not (FUSE_ON_CUDA or interpreted):
-        return _encode_torch(x, W_enc, b_enc, k, dead_mask, k_aux)
+        return _encode_torch(x, W_enc, b_enc, k, dead_mask, k_aux, dead_ids)
     fuse_aux = 0 < k_aux and KAP <= MAX_FUSED_K
     KAP = KAP if fuse_aux else 1
     BLOCK_B, BLOCK_N, BLOCK_D, num_warps = _fused_blocks(KP, KAP, x.dtype, interpreted)
@@ -228,7 +244,8 @@ def _encode_triton(x, W_enc, b_enc, k, dead_mask, k_aux) -> EncodeOutput:
     if fuse_aux:
         aux_values, aux_indices = unpack_keys(aux_keys.topk(k_aux, dim=1).values)
     elif k_aux:  # large k_aux: a second, smaller matmul over the dead latents only
-        dead_ids = dead_mask.nonzero().squeeze(1)  # (num_dead,)
+        if dead_ids is None:
+            dead_ids = _dead_ids(dead_mask, k_aux)  # (num_dead,)
         pre_dead = F.linear(x, W_enc[dead_ids], b_enc[dead_ids])  # (B, num_dead)
         aux_values, local = pre_dead.topk(k_aux, dim=-1)  # (B, k_aux')
         aux_indices = dead_ids[local]
@@ -248,21 +265,28 @@ def _matmul_dtype(dtype: torch.dtype, device: torch.device, triton_path: bool) -
 class EncodeTopkFunction(torch.autograd.Function):
     """Top-k (+ AuxK) encoder whose backward touches only the selected columns.
 
-    ``apply(x, W_enc, b_enc, k, dead_mask, k_aux, dtype)``: latent values in `dtype` (the
-    autocast dtype, or x's); the inputs keep their own dtypes and their gradients come back
-    in them, W_enc's and b_enc's summed in fp32 and never rounded to `dtype` on the way.
+    ``apply(x, W_enc, b_enc, k, dead_mask, dead_ids, k_aux, dtype)``: latent values in
+    `dtype` (the autocast dtype, or x's); the inputs keep their own dtypes and their gradients
+    come back in them, W_enc's and b_enc's summed in fp32 and never rounded to `dtype` on the
+    way. `dead_ids`: dead_mask's nonzero entries (or None without AuxK). The returned index
+    tensors carry their dense-or-sparse plans (`sparse_ops.plan_rows`), made from the rows
+    they can name, so neither the decoder nor this backward counts rows again.
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k: int, dead_mask, k_aux: int, dtype: torch.dtype):
+    def forward(ctx, x, W_enc, b_enc, k: int, dead_mask, dead_ids, k_aux: int, dtype):
         triton_path = use_triton(x.device)
-        encode = _encode_triton if triton_path else _encode_torch
-        if x.shape[0] == 0:
-            encode = encode_topk_reference
         mm_dtype = _matmul_dtype(dtype, x.device, triton_path)
         x_mm, W_mm = x.to(mm_dtype), W_enc.to(mm_dtype)  # no copy where already in it
-        out = encode(x_mm, W_mm, b_enc.to(mm_dtype), k, dead_mask, k_aux)
+        if x.shape[0] == 0:
+            out = encode_topk_reference(x_mm, W_mm, b_enc.to(mm_dtype), k, dead_mask, k_aux)
+        else:
+            encode = _encode_triton if triton_path else _encode_torch
+            out = encode(x_mm, W_mm, b_enc.to(mm_dtype), k, dead_mask, k_aux, dead_ids)
         out = out._replace(latent_acts=out.latent_acts.to(dtype), aux_acts=out.aux_acts.to(dtype))
+        N = W_enc.shape[0]
+        plan_rows(out.latent_indices, N)
+        plan_rows(out.aux_indices, N, dead_ids)
         ctx.mark_non_differentiable(out.latent_indices, out.aux_indices)
         ctx.save_for_backward(x_mm, W_mm, *out)
         ctx.dtypes = (x.dtype, W_enc.dtype, b_enc.dtype)
@@ -301,7 +325,7 @@ class EncodeTopkFunction(torch.autograd.Function):
             grad_W = grad_W.to(W_dtype) if needs_W else None  # (num_latents, d_in)
         if grad_b is not None:
             grad_b = grad_b.to(b_dtype)  # (num_latents,)
-        return grad_x, grad_W, grad_b, None, None, None, None
+        return grad_x, grad_W, grad_b, None, None, None, None, None
 
 
 def _check_encode(x, W_enc, b_enc, k, dead_mask, k_aux, same_dtype: bool) -> None:
@@ -358,7 +382,9 @@ def encode_topk(
     """
     cast = autocast_dtype(x.device)
     _check_encode(x, W_enc, b_enc, k, dead_mask, k_aux, same_dtype=cast is None)
-    n_aux, dtype = _num_aux(dead_mask, k_aux), cast or x.dtype
+    dead_ids = _dead_ids(dead_mask, k_aux)  # the step's one host sync
+    n_aux = 0 if dead_ids is None else min(k_aux, dead_ids.numel())
     with torch.autocast(x.device.type, enabled=False):
-        out = EncodeTopkFunction.apply(x, W_enc, b_enc, k, dead_mask, n_aux, dtype)
+        args = (k, dead_mask, dead_ids, n_aux, cast or x.dtype)
+        out = EncodeTopkFunction.apply(x, W_enc, b_enc, *args)
     return EncodeOutput(*out)

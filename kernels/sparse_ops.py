@@ -188,27 +188,62 @@ class Compact(NamedTuple):
 # and far more on a GPU, so when the indices name few distinct rows (the AuxK latents:
 # k_aux=288 among ~800 dead ones) a dense (B, U) product over just those rows is cheaper
 # than k sparse rows per token. (On an H200 the sparse path spent ~25 ms of a 33 ms step
-# on k_aux=233 aux latents per token at d_in=3072.) Deciding costs one host sync.
+# on k_aux=233 aux latents per token at d_in=3072.)
 DENSE_MAX_ROWS_PER_K = 16
 DENSE_MIN_ENTRIES = 1 << 16  # below this the choice does not matter; keep the sparse path
+# Under Triton's CPU interpreter the tests exercise the sparse kernels, so no plan is dense
+# there unless a test asks for it.
+DENSE_UNDER_INTERPRETER = False
 
 
-def compact_rows(indices: Tensor, num_rows: int) -> Compact | None:
-    """A `Compact` when going dense over the used rows pays, else None.
-
-    Never under Triton's CPU interpreter, where the tests exercise the sparse kernels.
-    """
+def _dense_pays(indices: Tensor, rows: int) -> bool:
+    """Whether a (B, k) index tensor over `rows` candidate rows should go dense."""
     B, k = indices.shape
     interpreted = indices.device.type == "cpu" and use_triton(indices.device)
-    if B * k < DENSE_MIN_ENTRIES or interpreted:  # the interpreter runs the kernels under test
-        return None
-    used = torch.bincount(indices.reshape(-1), minlength=num_rows) > 0  # (num_rows,)
-    rows = used.nonzero().squeeze(1)  # (U,)
-    if rows.numel() > DENSE_MAX_ROWS_PER_K * k:
-        return None
+    if B * k < DENSE_MIN_ENTRIES or (interpreted and not DENSE_UNDER_INTERPRETER):
+        return False
+    return rows <= DENSE_MAX_ROWS_PER_K * k
+
+
+def _compact_over(indices: Tensor, num_rows: int, rows: Tensor | None) -> Compact:
+    """The `Compact` of `indices` over the sorted `rows` (None: all `num_rows`)."""
+    if rows is None:
+        return Compact(torch.arange(num_rows, device=indices.device), indices.long())
     position = torch.zeros(num_rows, dtype=torch.int64, device=indices.device)
     position[rows] = torch.arange(rows.numel(), device=indices.device)
     return Compact(rows, position[indices])
+
+
+def plan_rows(indices: Tensor, num_rows: int, rows: Tensor | None = None) -> Compact | None:
+    """Plan `indices` (B, k) from the rows it can name, without a host sync.
+
+    `rows`: the sorted candidate rows (AuxK: the dead latents); None: all `num_rows`. The
+    plan is kept on the tensor, where `compact_rows` finds it: `encode_topk` plans the index
+    tensors it returns, so the decoder and the encoder's backward never count rows (a
+    bincount and a nonzero, each a host sync on CUDA, per group, twice a step).
+    """
+    count = num_rows if rows is None else rows.numel()
+    plan = _compact_over(indices, num_rows, rows) if _dense_pays(indices, count) else None
+    indices.compact_plan = (indices._version, plan)
+    return plan
+
+
+def compact_rows(indices: Tensor, num_rows: int) -> Compact | None:
+    """A `Compact` when going dense over the rows `indices` (B, k) uses pays, else None.
+
+    The plan `plan_rows` left on the tensor if it has one (and the tensor is unchanged since);
+    otherwise decided by counting the distinct rows (a host sync on CUDA).
+    """
+    planned = getattr(indices, "compact_plan", None)
+    if planned is not None and planned[0] == indices._version:
+        return planned[1]
+    if not _dense_pays(indices, 0):  # too few entries, or under the interpreter
+        return None
+    if _dense_pays(indices, num_rows):  # few rows in all
+        return _compact_over(indices, num_rows, None)
+    used = torch.bincount(indices.reshape(-1), minlength=num_rows) > 0  # (num_rows,)
+    rows = used.nonzero().squeeze(1)  # (U,)
+    return _compact_over(indices, num_rows, rows) if _dense_pays(indices, rows.numel()) else None
 
 
 def _dense_coefs(coefs: Tensor, compact: Compact) -> Tensor:

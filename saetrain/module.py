@@ -112,9 +112,12 @@ class TrainedSAE(nn.Module):
         self.hookpoint, self.hook_index, self.name, self.lr = hookpoint, hook_index, name, lr
         n = cfg.num_latents
         self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.long))
+        # No NaN check on the per-step means: each is a host sync on CUDA (a NaN loss shows
+        # as a NaN mean rather than being dropped with a warning).
         self.train_metrics = MetricCollection(
-            {"fvu": MeanMetric(), "l0": MeanMetric(), "auxk_loss": MeanMetric()}
+            {name: MeanMetric(nan_strategy="disable") for name in ("fvu", "l0", "auxk_loss")}
         )
+        self.init_checked = False  # whether sae.initialized was read since this run started
         self.val_fvu = FVU(cfg.d_in)
         self.val_l0 = MeanMetric()
         self.val_ev = ExplainedVariance(multioutput="variance_weighted")
@@ -283,15 +286,21 @@ class SAEModule(L.LightningModule):
         losses, fired_masks = [], []
         for t in self.trained:
             x = t.inputs(batch)
-            if not bool(t.sae.initialized):
-                t.sae.set_init(*self._sync_init(*t.sae.data_init(x)))
+            if not t.init_checked:  # one host read per run, not per step
+                if not bool(t.sae.initialized):
+                    t.sae.set_init(*self._sync_init(*t.sae.data_init(x)))
+                t.init_checked = True
             dead = t.dead_mask
             out = t.sae(x, dead_mask=dead)
             losses.append(out.fvu + t.sae.cfg.auxk_coef * out.auxk_loss)
             with torch.no_grad():
-                fired = torch.zeros_like(dead)
-                fired[out.latent_indices.flatten()[out.latent_acts.flatten() > 0]] = True
-                fired_masks.append(fired)
+                # Latents with a positive value; the others write to a spare slot (no
+                # boolean indexing: that would be a host sync on CUDA).
+                n = dead.numel()
+                fired = torch.zeros(n + 1, dtype=torch.bool, device=dead.device)
+                hit = out.latent_acts > 0
+                fired[torch.where(hit, out.latent_indices, n).flatten()] = True
+                fired_masks.append(fired[:n])
                 l0 = (out.latent_acts > 0).sum(-1).float().mean()
             t.train_metrics["fvu"](out.fvu.detach())
             t.train_metrics["l0"](l0)
@@ -318,7 +327,7 @@ class SAEModule(L.LightningModule):
         sizes = [m.numel() for m in fired_masks]
         for t, fired in zip(self.trained, fired_all.split(sizes), strict=True):
             t.tokens_since_fired += tokens
-            t.tokens_since_fired[fired] = 0
+            t.tokens_since_fired.masked_fill_(fired, 0)
         self.tokens_seen += tokens
 
     # ---------------------------------------------------------------- several processes

@@ -249,7 +249,7 @@ class SAE(nn.Module):
         """
         xs = self._scaled(x)  # (B, d)
         enc = self._topk(xs, dead_mask)
-        aux = dead_mask is not None and enc.aux_acts.numel() > 0 and bool(dead_mask.any())
+        aux = enc.aux_acts.numel() > 0  # AuxK slots exist only where some latent is dead
         if aux:  # both decodes at once: one gradient for W_dec
             decoded, err_hat = kernels.decode_pair(
                 enc.latent_acts, enc.latent_indices, enc.aux_acts, enc.aux_indices, self.W_dec
