@@ -400,6 +400,17 @@ def main() -> None:
             bench_parts(args, dtype_name)
     if args.ops:
         bench_ops(args)
+    print_tiles()
+
+
+def print_tiles() -> None:
+    """The tiles the autotuner chose for the gathers and the scatter, per (k, d, dtypes)."""
+    from saetrain.kernels import sparse_ops
+
+    for name in ("_gather_combine_tuned", "_gather_dot_tuned", "_scatter_outer_tuned"):
+        tuner = getattr(sparse_ops, name, None)
+        for key, config in getattr(tuner, "cache", {}).items():
+            print(f"  autotuned {name.strip('_')[:-6]} {key}: {config}")
 
 
 if __name__ == "__main__":

@@ -16,13 +16,15 @@ the fastest ops measured at B=4096, d=576, num_latents=16384, k=32, fp32, on a 2
 AVX-512 Xeon (benchmarks/bench_kernels.py --ops): embedding_bag (19 ms vs 270 ms for
 gather + bmm), embedding_bag's per-sample-weight backward (35 ms vs 280 ms for gather +
 bmm), and a CSR sparse @ dense matmul (32 ms vs 230 ms for index_add_ and 345 ms for a
-dense scattered matmul). On CUDA, `scatter_outer` adds with fp32 atomics. When the
+dense scattered matmul). On CUDA, `scatter_outer` adds with fp32 atomics, and the tiles of
+all three kernels are autotuned on the first call for each (k, d). When the
 indices name few distinct rows (AuxK), `compact_rows` switches both devices to dense
 matmuls over just those rows.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import NamedTuple
 
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import HAS_TRITON, use_triton
+from ._backend import HAS_TRITON, triton_interpreted, use_triton
 
 if HAS_TRITON:
     import triton
@@ -113,6 +115,44 @@ if HAS_TRITON:
             if HAS_BIAS:
                 if pid_d == 0:
                     tl.atomic_add(bias_out_ptr + rows, coefs, mask=mask_k)
+
+
+if HAS_TRITON:
+
+    def _host_bench(fn, quantiles=None):
+        """The autotuner's timer under Triton's CPU interpreter (its own needs a GPU)."""
+        start = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - start) * 1e3
+        return [ms, ms, ms] if quantiles else ms
+
+    # The tile over d and the warps are autotuned on the first call for each (k, d): the best
+    # differs between GPUs and widths, and a gather or scatter moves too little per token
+    # for one guess to serve all. The interpreter (CI) tries two small tiles, so the tuning
+    # path, and the restoring of the atomics' output between trials, is tested too.
+    _INTERPRETED = triton_interpreted()
+    _D_TILES = [
+        triton.Config({"BLOCK_D": block_d}, num_warps=warps)
+        for block_d, warps in (
+            ((16, 1), (32, 1))
+            if _INTERPRETED
+            else ((64, 2), (128, 4), (256, 4), (256, 8), (512, 4), (512, 8))
+        )
+    ]
+
+    def _tuned(kernel, restore_value=None):
+        """`kernel` autotuned over `_D_TILES`, keyed on (k, d)."""
+        return triton.autotune(
+            _D_TILES,
+            key=["k", "d"],
+            restore_value=restore_value,
+            do_bench=_host_bench if _INTERPRETED else None,
+        )(kernel)
+
+    _gather_combine_tuned = _tuned(_gather_combine_kernel)
+    _gather_dot_tuned = _tuned(_gather_dot_kernel)
+    # Trials add into the output again and again: it is put back after each.
+    _scatter_outer_tuned = _tuned(_scatter_outer_kernel, ["out_ptr", "bias_out_ptr"])
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -276,11 +316,8 @@ def gather_combine(
             coefs, table = coefs.float(), table.float()
         return F.embedding_bag(indices, table, per_sample_weights=coefs, mode="sum")
     out = torch.empty(B, d, dtype=out_dtype, device=table.device)  # (B, d)
-    BLOCK_D = _pow2(d, 16, 128)
-    grid = (B, triton.cdiv(d, BLOCK_D))
-    _gather_combine_kernel[grid](
-        coefs, indices, table, out, k, d, BLOCK_K=_pow2(k, 16, 32), BLOCK_D=BLOCK_D
-    )
+    grid = lambda meta: (B, triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
+    _gather_combine_tuned[grid](coefs, indices, table, out, k, d, BLOCK_K=_pow2(k, 16, 32))
     return out
 
 
@@ -306,9 +343,7 @@ def gather_dot(
     out = torch.empty(B, k, dtype=vectors.dtype, device=vectors.device)  # (B, k)
     BLOCK_K = _pow2(k, 16, 64)
     grid = (B, triton.cdiv(k, BLOCK_K))
-    _gather_dot_kernel[grid](
-        vectors, indices, table, out, k, d, BLOCK_K=BLOCK_K, BLOCK_D=_pow2(d, 16, 128)
-    )
+    _gather_dot_tuned[grid](vectors, indices, table, out, k, d, BLOCK_K=BLOCK_K)
     return out
 
 
@@ -368,11 +403,10 @@ def scatter_outer(
     fp32_out = out if out is not None and out.dtype == torch.float32 else None
     if fp32_out is None:
         fp32_out = torch.zeros(num_rows, d, device=vectors.device)
-    BLOCK_D = _pow2(d, 16, 128)
-    grid = (B, triton.cdiv(d, BLOCK_D))
-    _scatter_outer_kernel[grid](
+    grid = lambda meta: (B, triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
+    _scatter_outer_tuned[grid](
         coefs, indices, vectors, fp32_out, fp32_out if out_bias is None else out_bias, k, d,
-        HAS_BIAS=out_bias is not None, BLOCK_K=_pow2(k, 16, 32), BLOCK_D=BLOCK_D,
+        HAS_BIAS=out_bias is not None, BLOCK_K=_pow2(k, 16, 32),
     )  # fmt: skip
     if out is None:
         return fp32_out.to(dtype)
