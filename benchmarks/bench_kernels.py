@@ -25,6 +25,7 @@ reused and speeds every row (both steps more than the floor).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -38,6 +39,8 @@ from saetrain.kernels import (
     project_decoder_grad_,
 )
 from saetrain.kernels import encode as encode_module
+from saetrain.kernels import topk as topk_module
+from saetrain.kernels.topk import select_topk
 
 
 def make_sae(d_in: int, num_latents: int, device: str) -> dict[str, torch.nn.Parameter]:
@@ -73,6 +76,16 @@ def dense_step(p, x, k, dead_mask, k_aux):
     return losses(x, x_hat, e_hat, x_hat - x)
 
 
+@contextlib.contextmanager
+def fused_encoder(fused: bool):
+    """Run the CUDA encoder fused (matmul + selection in one kernel) or not, then restore."""
+    previous, encode_module.FUSE_ON_CUDA = encode_module.FUSE_ON_CUDA, fused
+    try:
+        yield
+    finally:
+        encode_module.FUSE_ON_CUDA = previous
+
+
 def kernel_step(p, x, k, dead_mask, k_aux):
     """The same step with saetrain.kernels: sparse decode and sparse backward."""
     out = encode_topk(x - p["b_dec"], p["W_enc"], p["b_enc"], k, dead_mask, k_aux)
@@ -86,13 +99,16 @@ def kernel_step(p, x, k, dead_mask, k_aux):
     return losses(x, x_hat, e_hat, x_hat - x)
 
 
-def unfused_kernel_step(p, x, k, dead_mask, k_aux):
-    """kernel_step with cuBLAS's matmul + torch.topk in place of the fused encoder (CUDA)."""
-    encode_module.FUSE_ON_CUDA = False
-    try:
+def fused_kernel_step(p, x, k, dead_mask, k_aux):
+    """kernel_step with the fused matmul + top-k encoder kernel (CUDA)."""
+    with fused_encoder(True):
         return kernel_step(p, x, k, dead_mask, k_aux)
-    finally:
-        encode_module.FUSE_ON_CUDA = True
+
+
+def unfused_kernel_step(p, x, k, dead_mask, k_aux):
+    """kernel_step with cuBLAS's matmul + top-k selection in place of the fused encoder (CUDA)."""
+    with fused_encoder(False):
+        return kernel_step(p, x, k, dead_mask, k_aux)
 
 
 def make_train_step(forward, p, opt, x, k, dead_mask, k_aux, autocast_dtype, sparse_norm):
@@ -162,7 +178,7 @@ def bench_steps(args, dtype_name: str) -> None:
     fns["fused Adam alone"] = adam.step
     steps = [("dense autograd step", dense_step, False), ("kernel step", kernel_step, True)]
     if x.device.type == "cuda" and get_backend() != "torch":
-        steps[1] = ("kernel step (fused)", kernel_step, True)
+        steps[1] = ("kernel step (fused)", fused_kernel_step, True)
         steps.append(("kernel step (matmul+topk)", unfused_kernel_step, True))
     for name, forward, sparse in steps:
         p = make_sae(d_in, N, args.device)
@@ -300,8 +316,8 @@ def bench_parts(args, dtype_name: str) -> None:
 
     def enc_ours(fused):
         def run():
-            encode_module.FUSE_ON_CUDA = fused
-            out = encode_topk(x, W_enc, b_enc, k)
+            with fused_encoder(fused):
+                out = encode_topk(x, W_enc, b_enc, k)
             out.latent_acts.backward(grad_acts)
 
         return run
@@ -317,19 +333,32 @@ def bench_parts(args, dtype_name: str) -> None:
         with torch.no_grad():
             F.linear(x, W_enc, b_enc)
 
+    def topk_torch():
+        pre.topk(k, dim=-1)
+
+    def topk_grouped():  # the grouped selection, whatever the device's default
+        previous = topk_module.GROUPED_DEVICES
+        topk_module.GROUPED_DEVICES = previous | {pre.device.type}
+        try:
+            select_topk(pre, k)
+        finally:
+            topk_module.GROUPED_DEVICES = previous
+
     fns = {"floor: encoder matmul": floor, "encoder fwd+bwd: dense": enc_dense}
+    fns["top-k of the pre-acts: torch"] = topk_torch
+    fns["top-k of the pre-acts: grouped"] = topk_grouped
     if dev == "cuda" and get_backend() != "torch":
         fns["encoder fwd+bwd: fused"] = enc_ours(True)
     fns["encoder fwd+bwd: matmul+topk"] = enc_ours(False)
     fns["decoder fwd+bwd: dense"] = dec_dense
     fns["decoder fwd+bwd: sparse"] = dec_ours
-    try:
-        times = best_times(fns, args.rounds)
-    finally:
-        encode_module.FUSE_ON_CUDA = True
+    times = best_times(fns, args.rounds)
     print(f"\nparts, {dtype_name} (B={B}, d_in={d_in}, num_latents={N}, k={k})")
     for name, t in times.items():
         print(f"  {name:30s} {t * 1e3:8.2f} ms  {B / t:12.0f} tok/s")
+    ratio = times["top-k of the pre-acts: torch"] / times["top-k of the pre-acts: grouped"]
+    used = "used" if pre.device.type in topk_module.GROUPED_DEVICES else "not used"
+    print(f"  top-k: grouped is {ratio:.2f}x the speed of torch.topk ({used} here by default)")
     ratio = times["decoder fwd+bwd: dense"] / times["decoder fwd+bwd: sparse"]
     print(f"  decoder: sparse is {ratio:.1f}x faster than dense")
     if "encoder fwd+bwd: fused" in times:

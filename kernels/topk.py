@@ -20,6 +20,9 @@ from torch import Tensor
 from ._backend import HAS_TRITON
 
 GROUP = 16
+# Where `select_topk` groups. Measured on CPU (above); on CUDA torch.topk stays until a GPU
+# run of `benchmarks/bench_kernels.py --parts` (its "top-k" rows) says grouping pays there.
+GROUPED_DEVICES = frozenset({"cpu"})
 # The smallest key: -inf (bits 0xFF800000, order bits 0x807FFFFF as int32) with column 0.
 NEG_KEY = ((0xFF800000 ^ 0x7FFFFFFF) - (1 << 32)) << 32
 
@@ -30,7 +33,7 @@ def select_topk(pre_acts: Tensor, k: int, sorted: bool = True) -> tuple[Tensor, 
     Largest first if `sorted`, else in no particular order.
     """
     b, n = pre_acts.shape
-    if pre_acts.device.type != "cpu" or n % GROUP or 4 * GROUP * k > n or b == 0:
+    if pre_acts.device.type not in GROUPED_DEVICES or n % GROUP or 4 * GROUP * k > n or b == 0:
         return pre_acts.topk(k, dim=1, sorted=sorted)
     g = n // GROUP
     group_max = pre_acts.view(b, GROUP, g).amax(1)  # (b, g): max over columns c + g * r
