@@ -7,6 +7,9 @@
 #
 # It needs torch and triton with a CUDA GPU, nothing else installed: saetrain runs from the
 # checkout (saetrain.kernels is linked to kernels/ as the installed package maps it).
+# Decisions it informs: "top-k: grouped is N x the speed of torch.topk" (add "cuda" to
+# kernels/topk.py GROUPED_DEVICES if N > 1), "encoder: fused is N x" (FUSE_ON_CUDA), and the
+# "autotuned" lines (the d tiles the gathers and the scatter chose).
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
