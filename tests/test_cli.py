@@ -53,6 +53,27 @@ def test_fit_lowers_fvu(trained_run):
     assert len(val) == 2 and val[-1] < 0.3
 
 
+def last_val_fvu(run: Path) -> float:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run))
+    events.Reload()
+    return events.Scalars("val/fvu")[-1].value
+
+
+def test_fit_under_bf16_autocast_trains_fp32_weights_as_well(
+    trained_run, tiny_model_dir, chat_jsonl, tmp_path
+):
+    # Lightning's bf16-mixed: the kernels run under autocast with fp32 parameters and send
+    # back fp32 gradients; the run learns as well as the fp32 one on the same data.
+    args = fit_args(tiny_model_dir, chat_jsonl, tmp_path, "--trainer.precision", "bf16-mixed")
+    assert main(args) == 0
+    sae = load_sae(tmp_path / "tiny")
+    assert all(p.dtype == torch.float32 for p in sae.parameters())
+    fp32, bf16 = last_val_fvu(trained_run), last_val_fvu(tmp_path / "tiny")
+    assert bf16 < 0.3 and abs(bf16 - fp32) < 0.01, (bf16, fp32)
+
+
 def test_exported_sae_matches_the_trained_module(trained_run):
     module = SAEModule.load_from_checkpoint(trained_run / "lightning" / "last.ckpt")
     exported = load_sae(trained_run)
