@@ -293,12 +293,34 @@ def choose_threshold(pos: Tensor, neg: Tensor, *, max_fpr: float | None = None) 
 
 
 def calibrate(
-    gate, model, tokenizer, positive, negative, *, sae, layer=None, max_fpr=None, batch_size=8
+    gate,
+    model,
+    tokenizer,
+    positive,
+    negative,
+    *,
+    sae,
+    layer=None,
+    max_fpr=None,
+    batch_size=8,
+    scored: tuple[Tensor, Tensor] | None = None,
 ) -> GateCalibration:
     """Score validation prompts that should (``positive``) and should not (``negative``) open
-    the gate, set ``gate.threshold`` by :func:`choose_threshold`, and return its rates."""
-    pos = gate_scores(gate, model, tokenizer, positive, sae=sae, layer=layer, batch_size=batch_size)
-    neg = gate_scores(gate, model, tokenizer, negative, sae=sae, layer=layer, batch_size=batch_size)
+    the gate, set ``gate.threshold`` by :func:`choose_threshold`, and return its rates.
+
+    ``scored``: (positive, negative) scores known already, chosen on with the rest (the
+    out-of-fold scores of a cross-fitted probe's prompts).
+    """
+
+    def scores(prompts) -> Tensor:
+        if not prompts:
+            return torch.zeros(0)
+        return gate_scores(
+            gate, model, tokenizer, prompts, sae=sae, layer=layer, batch_size=batch_size
+        )
+
+    known_pos, known_neg = scored if scored is not None else (torch.zeros(0), torch.zeros(0))
+    pos, neg = torch.cat([scores(positive), known_pos]), torch.cat([scores(negative), known_neg])
     cal = choose_threshold(pos, neg, max_fpr=max_fpr)
     gate.threshold = cal.threshold
     return cal
@@ -441,11 +463,9 @@ def build_gate(g: GateConfig, sae, model, tokenizer, run, held_out: set = frozen
     vpos, vneg = sets["val_positive"][0], sets["val_negative"][0]
     if g.kind == "feature":
         vpos, vneg = vpos + cf_pos, vneg + cf_neg
-    pos_scores = gate_scores(gate, model, tokenizer, vpos, **kw) if vpos else torch.zeros(0)
-    neg_scores = gate_scores(gate, model, tokenizer, vneg, **kw) if vneg else torch.zeros(0)
-    pos_scores, neg_scores = torch.cat([pos_scores, oof_pos]), torch.cat([neg_scores, oof_neg])
-    cal = choose_threshold(pos_scores, neg_scores, max_fpr=g.max_fpr)
-    gate.threshold = cal.threshold
+    cal = calibrate(
+        gate, model, tokenizer, vpos, vneg, max_fpr=g.max_fpr, scored=(oof_pos, oof_neg), **kw
+    )
     report = {**dataclasses.asdict(cal), "chosen_on_validation": True}
     how = ""
     if cross_fitted:
