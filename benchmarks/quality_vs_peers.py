@@ -154,14 +154,14 @@ class SaetrainRun:
             self.sae.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True
         )  # as SAEModule.configure_optimizers
         total, warmup = args.steps, min(args.warmup, args.steps)
-        decay_from = max(warmup, int(0.8 * total))
-        factor = lr_factor(total, warmup)  # SAEModule.configure_optimizers, lr_decay="linear"
+        decay_start = 0.8  # SAEModule's default (configure_optimizers, lr_decay="linear")
+        factor = lr_factor(total, warmup, "linear", decay_start)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
         self.since_fired = torch.zeros(cfg.num_latents, dtype=torch.long, device=device)
         self.settings = {
             "optimizer": "Adam betas (0.9, 0.999) eps 6.25e-10",
             "lr": self.lr,
-            "schedule": f"linear warm-up {warmup} steps, linear decay to 0 from step {decay_from}",
+            "schedule": f"linear warm-up {warmup} steps, linear decay to 0 from {decay_start:.0%} of the steps",
             "init": "b_dec = batch mean, inputs scaled to unit mean squared norm",
             "auxk": f"coef {cfg.auxk_coef}, k_aux {cfg.k_aux}",
             "dead_threshold": f"{cfg.dead_tokens_threshold} tokens",
