@@ -161,7 +161,9 @@ class SaetrainRun:
         self.settings = {
             "optimizer": "Adam betas (0.9, 0.999) eps 6.25e-10",
             "lr": self.lr,
-            "schedule": f"linear warm-up {warmup} steps, linear decay to 0 from {decay_start:.0%} of the steps",
+            "schedule": (
+                f"linear warm-up {warmup} steps, linear decay to 0 from {decay_start:.0%} of them"
+            ),
             "init": "b_dec = batch mean, inputs scaled to unit mean squared norm",
             "auxk": f"coef {cfg.auxk_coef}, k_aux {cfg.k_aux}",
             "dead_threshold": f"{cfg.dead_tokens_threshold} tokens",
