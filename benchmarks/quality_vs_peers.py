@@ -162,7 +162,7 @@ class SaetrainRun:
             "optimizer": "Adam betas (0.9, 0.999) eps 6.25e-10",
             "lr": self.lr,
             "schedule": (
-                f"linear warm-up {warmup} steps, linear decay to 0 from {decay_start:.0%} of them"
+                f"warm-up {warmup} steps, linear decay to 0 from {decay_start:.0%} of the run"
             ),
             "init": "b_dec = batch mean, inputs scaled to unit mean squared norm",
             "auxk": f"coef {cfg.auxk_coef}, k_aux {cfg.k_aux}",
