@@ -12,6 +12,11 @@ these kernels a training step costs about one dense matmul, the encoder's forwar
 
 Backend: Triton on CUDA tensors, the fastest torch path elsewhere, chosen at import;
 override with SAETRAIN_KERNELS=auto|triton|torch or `set_backend`.
+
+Under torch.autocast the outputs are in the autocast dtype, while fp32 parameters enter the
+autograd Functions as they are and get fp32 gradients (summed in fp32, never rounded to the
+autocast dtype). A training step reads one thing back from the device: the dead latents'
+ids, which fix the AuxK shapes.
 """
 
 from ._backend import get_backend, set_backend
