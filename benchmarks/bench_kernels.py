@@ -357,8 +357,14 @@ def bench_parts(args, dtype_name: str) -> None:
     for name, t in times.items():
         print(f"  {name:30s} {t * 1e3:8.2f} ms  {B / t:12.0f} tok/s")
     ratio = times["top-k of the pre-acts: torch"] / times["top-k of the pre-acts: grouped"]
-    used = "used" if pre.device.type in topk_module.GROUPED_DEVICES else "not used"
-    print(f"  top-k: grouped is {ratio:.2f}x the speed of torch.topk ({used} here by default)")
+    G = topk_module.GROUP
+    if N % G or 4 * G * k > N:
+        used = f"too few columns to group at k={k}: both ran torch.topk"
+    elif pre.device.type in topk_module.GROUPED_DEVICES:
+        used = "the default here"
+    else:
+        used = f"off on {pre.device.type}: topk.GROUPED_DEVICES"
+    print(f"  top-k: grouped is {ratio:.2f}x the speed of torch.topk ({used})")
     ratio = times["decoder fwd+bwd: dense"] / times["decoder fwd+bwd: sparse"]
     print(f"  decoder: sparse is {ratio:.1f}x faster than dense")
     if "encoder fwd+bwd: fused" in times:
