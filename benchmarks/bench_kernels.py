@@ -88,7 +88,7 @@ def fused_encoder(fused: bool):
 
 def kernel_step(p, x, k, dead_mask, k_aux):
     """The same step with saetrain.kernels: sparse decode and sparse backward."""
-    out = encode_topk(x - p["b_dec"], p["W_enc"], p["b_enc"], k, dead_mask, k_aux)
+    out = encode_topk(x, p["W_enc"], p["b_enc"], k, dead_mask, k_aux, b_dec=p["b_dec"])
     if not out.aux_indices.shape[1]:
         x_hat = decode(out.latent_acts, out.latent_indices, p["W_dec"]) + p["b_dec"]
         return losses(x, x_hat, None, x_hat - x)

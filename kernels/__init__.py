@@ -5,7 +5,7 @@ decoder's gradients and the encoder's weight gradient need only k rows per token
 these kernels a training step costs about one dense matmul, the encoder's forward
 (issue #4). Each op has a pure-torch `*_reference` to compare against.
 
-    out = encode_topk(x - b_dec, W_enc, b_enc, k, dead_mask, k_aux)
+    out = encode_topk(x, W_enc, b_enc, k, dead_mask, k_aux, b_dec=b_dec)
     x_hat = decode(out.latent_acts, out.latent_indices, W_dec) + b_dec
     ...; loss.backward(); project_decoder_grad_(W_dec, W_dec.grad)
     optimizer.step(); normalize_decoder_(W_dec)

@@ -128,10 +128,17 @@ class EncodeOutput(NamedTuple):
 
 
 def encode_topk_reference(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead_mask: Tensor | None = None, k_aux: int = 0
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    dead_mask: Tensor | None = None,
+    k_aux: int = 0,
+    b_dec: Tensor | None = None,
 ) -> EncodeOutput:
     """Pure-torch Top-k encoder (dense autograd), in fp32, outputs in x's dtype."""
-    pre_acts = F.linear(x.float(), W_enc.float(), b_enc.float())  # (B, num_latents)
+    x_in = x.float() if b_dec is None else x.float() - b_dec.float()
+    pre_acts = F.linear(x_in, W_enc.float(), b_enc.float())  # (B, num_latents)
     values, latent_indices = pre_acts.topk(k, dim=-1)  # (B, k)
     n_aux = _num_aux(dead_mask, k_aux)
     if n_aux:
@@ -265,19 +272,27 @@ def _matmul_dtype(dtype: torch.dtype, device: torch.device, triton_path: bool) -
 class EncodeTopkFunction(torch.autograd.Function):
     """Top-k (+ AuxK) encoder whose backward touches only the selected columns.
 
-    ``apply(x, W_enc, b_enc, k, dead_mask, dead_ids, k_aux, dtype)``: latent values in
-    `dtype` (the autocast dtype, or x's); the inputs keep their own dtypes and their gradients
-    come back in them, W_enc's and b_enc's summed in fp32 and never rounded to `dtype` on the
-    way. `dead_ids`: dead_mask's nonzero entries (or None without AuxK). The returned index
-    tensors carry their dense-or-sparse plans (`sparse_ops.plan_rows`), made from the rows
-    they can name, so neither the decoder nor this backward counts rows again.
+    ``apply(x, W_enc, b_enc, b_dec, k, dead_mask, dead_ids, k_aux, dtype)``: the top k of
+    (x - b_dec) @ W_enc.T + b_enc (b_dec may be None), latent values in `dtype` (the autocast
+    dtype, or x's); the inputs keep their own dtypes and their gradients come back in them,
+    W_enc's and b_enc's summed in fp32 and never rounded to `dtype` on the way. `dead_ids`:
+    dead_mask's nonzero entries (or None without AuxK). The returned index tensors carry
+    their dense-or-sparse plans (`sparse_ops.plan_rows`), made from the rows they can name,
+    so neither the decoder nor this backward counts rows again.
+
+    b_dec's gradient is minus the sum over tokens of x's, which is the (num_latents,) sum of
+    the pre-activation gradients times W_enc: one matrix-vector product. So where x needs no
+    gradient (an SAE's training inputs), no (B, d_in) gradient is built at all.
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k: int, dead_mask, dead_ids, k_aux: int, dtype):
+    def forward(ctx, x, W_enc, b_enc, b_dec, k: int, dead_mask, dead_ids, k_aux: int, dtype):
         triton_path = use_triton(x.device)
         mm_dtype = _matmul_dtype(dtype, x.device, triton_path)
-        x_mm, W_mm = x.to(mm_dtype), W_enc.to(mm_dtype)  # no copy where already in it
+        x_in = x  # minus b_dec in fp32 for half inputs too: rounded once, to the matmul's dtype
+        if b_dec is not None:
+            x_in = x.float() - b_dec.float()  # (B, d_in); no copies where both are fp32
+        x_mm, W_mm = x_in.to(mm_dtype), W_enc.to(mm_dtype)  # no copy where already in it
         if x.shape[0] == 0:
             out = encode_topk_reference(x_mm, W_mm, b_enc.to(mm_dtype), k, dead_mask, k_aux)
         else:
@@ -288,19 +303,19 @@ class EncodeTopkFunction(torch.autograd.Function):
         plan_rows(out.latent_indices, N)
         plan_rows(out.aux_indices, N, dead_ids)
         ctx.mark_non_differentiable(out.latent_indices, out.aux_indices)
-        ctx.save_for_backward(x_mm, W_mm, *out)
-        ctx.dtypes = (x.dtype, W_enc.dtype, b_enc.dtype)
+        ctx.save_for_backward(x_mm, W_mm, W_enc, *out)
+        ctx.dtypes = (x.dtype, W_enc.dtype, b_enc.dtype, None if b_dec is None else b_dec.dtype)
         ctx.set_materialize_grads(False)  # an unused aux output costs no backward work
         return tuple(out)
 
     @staticmethod
     def backward(ctx, grad_acts, _grad_indices, grad_aux, _grad_aux_indices):
-        x, W_enc, acts, indices, aux_acts, aux_indices = ctx.saved_tensors  # x, W_enc: as used
-        x_dtype, W_dtype, b_dtype = ctx.dtypes
+        x, W_enc, W_master, acts, indices, aux_acts, aux_indices = ctx.saved_tensors
+        x_dtype, W_dtype, b_dtype, shift_dtype = ctx.dtypes  # x, W_enc: as the matmul read them
         N = W_enc.shape[0]
-        needs_x, needs_W, needs_b = ctx.needs_input_grad[:3]
-        grad_x = grad_W = grad_b = None
-        if needs_b:
+        needs_x, needs_W, needs_b, needs_shift = ctx.needs_input_grad[:4]
+        grad_x = grad_W = grad_b = grad_shift = None
+        if needs_b or needs_shift:  # per latent: the summed gradient of its pre-activations
             grad_b = torch.zeros(N, device=x.device)  # fp32
         # Main and aux selections apart: the aux ones name few distinct (dead) latents, which
         # the CPU path handles densely (see sparse_ops.compact_rows).
@@ -316,19 +331,23 @@ class EncodeTopkFunction(torch.autograd.Function):
             if needs_x:  # two groups: sum them in fp32, round once
                 part = gather_combine(grad_pre, ids, W_enc, compact, fp32_out=len(groups) > 1)
                 grad_x = part if grad_x is None else grad_x.add_(part)  # (B, d_in)
-            if needs_W or needs_b:  # one group: rounded once, straight to W_enc's dtype
+            if needs_W:  # one group: rounded once, straight to W_enc's dtype
                 dtype = W_dtype if len(groups) == 1 else torch.float32
                 grad_W = scatter_outer(grad_pre, ids, x, N, grad_W, grad_b, compact, dtype)
+            elif grad_b is not None:
+                grad_b.index_add_(0, ids.reshape(-1), grad_pre.reshape(-1).float())
         if grad_x is not None:
             grad_x = grad_x.to(x_dtype)
         if grad_W is not None:
-            grad_W = grad_W.to(W_dtype) if needs_W else None  # (num_latents, d_in)
+            grad_W = grad_W.to(W_dtype)  # (num_latents, d_in)
+        if needs_shift:  # -sum_b grad_x[b] = -(grad_b @ W_enc), with W_enc's own values
+            grad_shift = (grad_b.to(W_master.dtype) @ W_master).neg_().to(shift_dtype)  # (d_in,)
         if grad_b is not None:
-            grad_b = grad_b.to(b_dtype)  # (num_latents,)
-        return grad_x, grad_W, grad_b, None, None, None, None, None
+            grad_b = grad_b.to(b_dtype) if needs_b else None  # (num_latents,)
+        return grad_x, grad_W, grad_b, grad_shift, None, None, None, None, None
 
 
-def _check_encode(x, W_enc, b_enc, k, dead_mask, k_aux, same_dtype: bool) -> None:
+def _check_encode(x, W_enc, b_enc, k, dead_mask, k_aux, b_dec, same_dtype: bool) -> None:
     if x.dim() != 2 or W_enc.dim() != 2 or x.shape[1] != W_enc.shape[1]:
         raise ValueError(
             f"encode_topk: x must be (B, d_in) and W_enc (num_latents, d_in), got x "
@@ -337,6 +356,8 @@ def _check_encode(x, W_enc, b_enc, k, dead_mask, k_aux, same_dtype: bool) -> Non
     N = W_enc.shape[0]
     if b_enc.shape != (N,):
         raise ValueError(f"encode_topk: b_enc must be ({N},), got {tuple(b_enc.shape)}.")
+    if b_dec is not None and b_dec.shape != (x.shape[1],):
+        raise ValueError(f"encode_topk: b_dec must be ({x.shape[1]},), got {tuple(b_dec.shape)}.")
     if not 1 <= k <= N:
         raise ValueError(f"encode_topk: k must be in [1, num_latents={N}], got {k}.")
     if k_aux < 0:
@@ -346,7 +367,8 @@ def _check_encode(x, W_enc, b_enc, k, dead_mask, k_aux, same_dtype: bool) -> Non
             f"encode_topk: dead_mask must be a ({N},) bool tensor, got "
             f"{tuple(dead_mask.shape)} {dead_mask.dtype}."
         )
-    for name, t in (("x", x), ("W_enc", W_enc), ("b_enc", b_enc)):
+    floats = (("x", x), ("W_enc", W_enc), ("b_enc", b_enc), ("b_dec", b_dec))
+    for name, t in (pair for pair in floats if pair[1] is not None):
         if not t.is_floating_point():
             raise ValueError(f"encode_topk: {name} must be a float tensor, got {t.dtype}.")
         if same_dtype and t.dtype != x.dtype:
@@ -354,7 +376,7 @@ def _check_encode(x, W_enc, b_enc, k, dead_mask, k_aux, same_dtype: bool) -> Non
                 f"encode_topk: x is {x.dtype} but {name} is {t.dtype}; cast one to the other "
                 "(or run under torch.autocast)."
             )
-    for name, t in (("x", x), ("W_enc", W_enc), ("b_enc", b_enc), ("dead_mask", dead_mask)):
+    for name, t in (*floats, ("dead_mask", dead_mask)):
         if t is not None and t.device != x.device:
             raise ValueError(f"encode_topk: {name} is on {t.device} but x is on {x.device}.")
         if t is not None and not t.is_contiguous():
@@ -362,29 +384,39 @@ def _check_encode(x, W_enc, b_enc, k, dead_mask, k_aux, same_dtype: bool) -> Non
 
 
 def encode_topk(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead_mask: Tensor | None = None, k_aux: int = 0
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    dead_mask: Tensor | None = None,
+    k_aux: int = 0,
+    *,
+    b_dec: Tensor | None = None,
 ) -> EncodeOutput:
-    """Top-k latents of x @ W_enc.T + b_enc, and the top k_aux among dead latents.
+    """Top-k latents of (x - b_dec) @ W_enc.T + b_enc, and the top k_aux among dead latents.
 
     Args:
-        x: (B, d_in) input, b_dec already subtracted.
+        x: (B, d_in) input.
         W_enc: (num_latents, d_in), nn.Linear layout; b_enc: (num_latents,). Same dtype
             as x (any float dtypes under torch.autocast).
         k: latents kept per token, 1 <= k <= num_latents.
         dead_mask: (num_latents,) bool, True for dead latents (AuxK; Gao et al. 2024).
         k_aux: aux latents per token, chosen among dead ones only; capped at their number.
+        b_dec: optional (d_in,) shift subtracted from x first (the SAE's decoder bias). Its
+            gradient costs one (num_latents,) @ W_enc product where ``x - b_dec`` computed
+            outside would cost a (B, d_in) gradient of x: pass it here.
 
-    Returns an `EncodeOutput`. Differentiable w.r.t. x, W_enc and b_enc through latent_acts
-    and aux_acts; the backward is sparse. Under torch.autocast x, W_enc and b_enc may have any
-    float dtypes: the matmul runs in the autocast dtype, as F.linear's would (in fp32 on CPUs
-    whose half matmuls are slower), the latent values come out in it, and the gradients go
-    back in each input's own dtype, W_enc's and b_enc's summed in fp32.
+    Returns an `EncodeOutput`. Differentiable w.r.t. x, W_enc, b_enc and b_dec through
+    latent_acts and aux_acts; the backward is sparse. Under torch.autocast the inputs may
+    have any float dtypes: the matmul runs in the autocast dtype, as F.linear's would (in
+    fp32 on CPUs whose half matmuls are slower), the latent values come out in it, and the
+    gradients go back in each input's own dtype, W_enc's and b_enc's summed in fp32.
     """
     cast = autocast_dtype(x.device)
-    _check_encode(x, W_enc, b_enc, k, dead_mask, k_aux, same_dtype=cast is None)
+    _check_encode(x, W_enc, b_enc, k, dead_mask, k_aux, b_dec, same_dtype=cast is None)
     dead_ids = _dead_ids(dead_mask, k_aux)  # the step's one host sync
     n_aux = 0 if dead_ids is None else min(k_aux, dead_ids.numel())
     with torch.autocast(x.device.type, enabled=False):
         args = (k, dead_mask, dead_ids, n_aux, cast or x.dtype)
-        out = EncodeTopkFunction.apply(x, W_enc, b_enc, *args)
+        out = EncodeTopkFunction.apply(x, W_enc, b_enc, b_dec, *args)
     return EncodeOutput(*out)

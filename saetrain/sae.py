@@ -232,12 +232,13 @@ class SAE(nn.Module):
     def _topk(self, xs: Tensor, dead_mask: Tensor | None) -> kernels.EncodeOutput:
         """Top-k (and, with ``dead_mask``, AuxK) selection for already scaled inputs ``xs``."""
         return kernels.encode_topk(
-            xs - self.b_dec,
+            xs,
             self.W_enc,
             self.b_enc,
             self.cfg.k,
             dead_mask=dead_mask,
             k_aux=self.cfg.k_aux if dead_mask is not None else 0,
+            b_dec=self.b_dec,  # its gradient without a (B, d_in) gradient of xs
         )
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:

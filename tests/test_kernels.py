@@ -281,19 +281,55 @@ def test_encode_topk_beyond_the_fused_kernel_limit_matches_the_reference(device,
     check_encode(x, W_enc, b_enc, k, dead_mask.to(device), k_aux, torch.float32)
 
 
+class Shapes(TorchDispatchMode):
+    """Records the shape of every strided tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                self.seen.add(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize("x_grad", [False, True], ids=["x-fixed", "x-grad"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_encode_topk_subtracts_b_dec_and_gets_its_gradient_from_one_product(device, dtype, x_grad):
+    # b_dec's gradient is -(per-latent gradient sums) @ W_enc; where x needs no gradient (an
+    # SAE's inputs) the backward builds no (B, d_in) tensor at all.
+    x, W_enc, b_enc = make_encoder(24, 100, dtype, device)
+    x = x.detach().requires_grad_(x_grad)
+    gen = torch.Generator().manual_seed(4)
+    b_dec = (0.3 * torch.randn(24, generator=gen)).to(device, dtype).requires_grad_()
+    dead_mask = (torch.arange(100) % 4 == 0).to(device)
+    out = encode_topk(x, W_enc, b_enc, 5, dead_mask, 6, b_dec=b_dec)
+    # The reference gets x - b_dec as the matmul reads it: taken in fp32, rounded once to the
+    # matmul's dtype (bf16 on the Triton path; fp32 on the torch path on most CPUs).
+    mm = encode_module._matmul_dtype(dtype, device, use_triton(device))
+    x_in = (x.float() - b_dec.float()).to(mm)
+    want = encode_topk_reference(x_in, W_enc, b_enc, 5, dead_mask, 6)
+    for got_t, want_t in zip(by_index(*out), by_index(*want), strict=True):
+        close(got_t.to(want_t.dtype), want_t, dtype)
+    per_latent = torch.randn(7, 100, generator=gen).to(device, dtype)
+
+    def loss(o):
+        main = o.latent_acts.float() * per_latent.gather(1, o.latent_indices)
+        return main.sum() + (o.aux_acts.float() * per_latent.gather(1, o.aux_indices)).sum()
+
+    inputs = [W_enc, b_enc, b_dec] + ([x] if x_grad else [])
+    with Shapes() as shapes:
+        got = torch.autograd.grad(loss(out), inputs)
+    for g, w in zip(got, torch.autograd.grad(loss(want), inputs), strict=True):
+        close(g, w, dtype)
+    if not triton_interpreted() or get_backend() == "torch":  # the interpreter copies its args
+        assert ((7, 24) in shapes.seen) == x_grad
+
+
 def test_encode_topk_backward_never_builds_a_batch_by_num_latents_tensor():
-    class Shapes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor) and t.layout == torch.strided:
-                    self.seen.add(tuple(t.shape))
-            return out
-
     previous = set_backend("torch")
     try:
         x, W_enc, b_enc = make_encoder(10, 40, torch.float32, "cpu")  # B=7
