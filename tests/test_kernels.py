@@ -577,9 +577,18 @@ def train_steps(sae, batches, dead_mask):
     return sae
 
 
-def test_a_training_step_with_the_kernels_equals_one_with_the_references(device, monkeypatch):
+@pytest.mark.parametrize("plans", ["sparse", "dense"])
+def test_a_training_step_with_the_kernels_equals_one_with_the_references(
+    device, plans, monkeypatch
+):
     # Dense autograd through the *_reference functions vs the backend's kernels, with AuxK
-    # on (a third of the latents dead), over three Adam steps.
+    # on (a third of the latents dead), over three Adam steps. dense: the encoder's plans
+    # send both selections through the dense-over-rows path (main: all 100 rows; aux: the
+    # dead ones), in the decoder's forward and backward and in the encoder's backward.
+    if plans == "dense":
+        monkeypatch.setattr(sparse_ops, "DENSE_MIN_ENTRIES", 0)
+        monkeypatch.setattr(sparse_ops, "DENSE_MAX_ROWS_PER_K", 25)  # 100 rows <= 25 * k
+        monkeypatch.setattr(sparse_ops, "DENSE_UNDER_INTERPRETER", True)
     torch.manual_seed(0)
     batches = [torch.randn(12, 24) + 0.5 for _ in range(3)]
     sae = SAE(SAEConfig(d_in=24, num_latents=100, k=4, k_aux=6))
