@@ -30,8 +30,10 @@ bench="python3 benchmarks/bench_kernels.py --rounds 5"
     SAETRAIN_KERNELS=torch timeout 70 $bench --d-in 3072 --num-latents 24576 --dtypes bf16 --parts
     echo "== fp32 at the issue's shape"
     timeout 60 $bench --d-in 3072 --num-latents 24576 --dtypes fp32 --parts
+    echo "== 10% dead: AuxK's dense-over-dead-rows path (fp32 matmuls) at its largest"
+    timeout 30 $bench --d-in 3072 --num-latents 24576 --dtypes bf16 --dead-fraction 0.1 --rounds 3
     echo "== d_in=576, num_latents=16384, k=32, B=4096 (the CPU benchmark's shape)"
-    timeout 50 $bench --dtypes fp32,bf16 --parts
+    timeout 40 $bench --dtypes fp32,bf16 --parts
     echo "== every kernel test on CUDA"
-    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
+    timeout 50 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
 } 2>&1 | tee "$OUT/gpu_check.log"
