@@ -357,8 +357,7 @@ def bench_parts(args, dtype_name: str) -> None:
     for name, t in times.items():
         print(f"  {name:30s} {t * 1e3:8.2f} ms  {B / t:12.0f} tok/s")
     ratio = times["top-k of the pre-acts: torch"] / times["top-k of the pre-acts: grouped"]
-    G = topk_module.GROUP
-    if N % G or 4 * G * k > N:
+    if not topk_module.groupable(N, k):
         used = f"too few columns to group at k={k}: both ran torch.topk"
     elif pre.device.type in topk_module.GROUPED_DEVICES:
         used = "the default here"

@@ -56,7 +56,8 @@ class DecodeFunction(torch.autograd.Function):
         indices = groups[1::2]
         ctx.save_for_backward(table, *acts, *indices)
         ctx.dtypes = (W_dec.dtype, *(a.dtype for a in groups[0::2]))
-        # Few distinct latents (AuxK): dense over them, planned once for both passes.
+        # Few distinct latents (AuxK): dense over them; the plan encode_topk left on the
+        # indices if they came from it, and the same plan for the backward.
         ctx.compacts = [compact_rows(i, table.shape[0]) for i in indices]
         ctx.set_materialize_grads(False)
         return tuple(

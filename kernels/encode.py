@@ -140,7 +140,7 @@ def encode_topk_reference(
     x_in = x.float() if b_dec is None else x.float() - b_dec.float()
     pre_acts = F.linear(x_in, W_enc.float(), b_enc.float())  # (B, num_latents)
     values, latent_indices = pre_acts.topk(k, dim=-1)  # (B, k)
-    n_aux = _num_aux(dead_mask, k_aux)
+    n_aux = _num_aux(_dead_ids(dead_mask, k_aux), k_aux)
     if n_aux:
         masked = pre_acts.masked_fill(~dead_mask, float("-inf"))  # (B, num_latents)
         aux_values, aux_indices = masked.topk(n_aux, dim=-1)  # (B, k_aux')
@@ -151,22 +151,20 @@ def encode_topk_reference(
     return EncodeOutput(acts, latent_indices, aux_acts, aux_indices)
 
 
-def _num_aux(dead_mask: Tensor | None, k_aux: int) -> int:
-    """k_aux' = min(k_aux, number of dead latents): no aux slot without a dead latent."""
-    if dead_mask is None or k_aux == 0:
-        return 0
-    return min(k_aux, int(dead_mask.sum()))
-
-
 def _dead_ids(dead_mask: Tensor | None, k_aux: int) -> Tensor | None:
     """(num_dead,) ids of the dead latents when AuxK runs, else None. One host sync."""
     return dead_mask.nonzero().squeeze(1) if dead_mask is not None and k_aux else None
 
 
-def _encode_torch(x, W_enc, b_enc, k, dead_mask, k_aux, dead_ids=None) -> EncodeOutput:
+def _num_aux(dead_ids: Tensor | None, k_aux: int) -> int:
+    """k_aux' = min(k_aux, number of dead latents): no aux slot without a dead latent."""
+    return 0 if dead_ids is None else min(k_aux, dead_ids.numel())
+
+
+def _encode_torch(x, W_enc, b_enc, k, dead_mask, k_aux, dead_ids) -> EncodeOutput:
     """Matmul chunk by chunk, selecting top-k (and aux) from each chunk before the next.
 
-    `dead_ids`: `dead_mask`'s nonzero entries, when the caller has them already.
+    `k_aux` is k_aux' (see `_num_aux`); `dead_ids`: `dead_mask`'s nonzero entries.
     """
     B, N = x.shape[0], W_enc.shape[0]
     out_dtype, on_cpu = x.dtype, x.device.type == "cpu"
@@ -174,8 +172,6 @@ def _encode_torch(x, W_enc, b_enc, k, dead_mask, k_aux, dead_ids=None) -> Encode
     indices = torch.empty(B, k, dtype=torch.int64, device=x.device)
     aux_acts = torch.empty(B, k_aux, dtype=out_dtype, device=x.device)  # (B, k_aux')
     aux_indices = torch.empty(B, k_aux, dtype=torch.int64, device=x.device)
-    if dead_ids is None:
-        dead_ids = _dead_ids(dead_mask, k_aux)  # (num_dead,)
     chunk = CPU_CHUNK_ROWS if on_cpu else max(B, 1)
     buffer = torch.empty(min(chunk, B), N, dtype=x.dtype, device=x.device)
     for start in range(0, B, chunk):
@@ -216,7 +212,7 @@ def _fused_blocks(KP: int, KAP: int, dtype: torch.dtype, interpreted: bool):
     return BLOCK_B, max(64, KP, KAP), 32, 8
 
 
-def _encode_triton(x, W_enc, b_enc, k, dead_mask, k_aux, dead_ids=None) -> EncodeOutput:
+def _encode_triton(x, W_enc, b_enc, k, dead_mask, k_aux, dead_ids) -> EncodeOutput:
     """The fused kernel when k (and k_aux) are small enough, else matmul + torch.topk."""
     B, D = x.shape
     N = W_enc.shape[0]
@@ -251,8 +247,6 @@ def _encode_triton(x, W_enc, b_enc, k, dead_mask, k_aux, dead_ids=None) -> Encod
     if fuse_aux:
         aux_values, aux_indices = unpack_keys(aux_keys.topk(k_aux, dim=1).values)
     elif k_aux:  # large k_aux: a second, smaller matmul over the dead latents only
-        if dead_ids is None:
-            dead_ids = _dead_ids(dead_mask, k_aux)  # (num_dead,)
         pre_dead = F.linear(x, W_enc[dead_ids], b_enc[dead_ids])  # (B, num_dead)
         aux_values, local = pre_dead.topk(k_aux, dim=-1)  # (B, k_aux')
         aux_indices = dead_ids[local]
@@ -414,8 +408,8 @@ def encode_topk(
     """
     cast = autocast_dtype(x.device)
     _check_encode(x, W_enc, b_enc, k, dead_mask, k_aux, b_dec, same_dtype=cast is None)
-    dead_ids = _dead_ids(dead_mask, k_aux)  # the step's one host sync
-    n_aux = 0 if dead_ids is None else min(k_aux, dead_ids.numel())
+    dead_ids = _dead_ids(dead_mask, k_aux)  # (num_dead,): the step's one host sync
+    n_aux = _num_aux(dead_ids, k_aux)
     with torch.autocast(x.device.type, enabled=False):
         args = (k, dead_mask, dead_ids, n_aux, cast or x.dtype)
         out = EncodeTopkFunction.apply(x, W_enc, b_enc, b_dec, *args)

@@ -236,13 +236,17 @@ DENSE_MIN_ENTRIES = 1 << 16  # below this the choice does not matter; keep the s
 DENSE_UNDER_INTERPRETER = False
 
 
-def _dense_pays(indices: Tensor, rows: int) -> bool:
-    """Whether a (B, k) index tensor over `rows` candidate rows should go dense."""
+def _may_go_dense(indices: Tensor) -> bool:
+    """Whether a (B, k) index tensor is large enough for the choice to matter (and not under
+    the interpreter, unless a test asks)."""
     B, k = indices.shape
     interpreted = indices.device.type == "cpu" and use_triton(indices.device)
-    if B * k < DENSE_MIN_ENTRIES or (interpreted and not DENSE_UNDER_INTERPRETER):
-        return False
-    return rows <= DENSE_MAX_ROWS_PER_K * k
+    return B * k >= DENSE_MIN_ENTRIES and (DENSE_UNDER_INTERPRETER or not interpreted)
+
+
+def _few_rows(indices: Tensor, rows: int) -> bool:
+    """Whether `rows` rows are few enough for a dense product to beat k rows per token."""
+    return rows <= DENSE_MAX_ROWS_PER_K * indices.shape[1]
 
 
 def _compact_over(indices: Tensor, num_rows: int, rows: Tensor | None) -> Compact:
@@ -263,7 +267,8 @@ def plan_rows(indices: Tensor, num_rows: int, rows: Tensor | None = None) -> Com
     bincount and a nonzero, each a host sync on CUDA, per group, twice a step).
     """
     count = num_rows if rows is None else rows.numel()
-    plan = _compact_over(indices, num_rows, rows) if _dense_pays(indices, count) else None
+    dense = _may_go_dense(indices) and _few_rows(indices, count)
+    plan = _compact_over(indices, num_rows, rows) if dense else None
     indices.compact_plan = (indices._version, plan)
     return plan
 
@@ -277,13 +282,13 @@ def compact_rows(indices: Tensor, num_rows: int) -> Compact | None:
     planned = getattr(indices, "compact_plan", None)
     if planned is not None and planned[0] == indices._version:
         return planned[1]
-    if not _dense_pays(indices, 0):  # too few entries, or under the interpreter
+    if not _may_go_dense(indices):
         return None
-    if _dense_pays(indices, num_rows):  # few rows in all
+    if _few_rows(indices, num_rows):  # few rows in all
         return _compact_over(indices, num_rows, None)
     used = torch.bincount(indices.reshape(-1), minlength=num_rows) > 0  # (num_rows,)
     rows = used.nonzero().squeeze(1)  # (U,)
-    return _compact_over(indices, num_rows, rows) if _dense_pays(indices, rows.numel()) else None
+    return _compact_over(indices, num_rows, rows) if _few_rows(indices, rows.numel()) else None
 
 
 # torch's mm with an fp32 result for half inputs (CUDA): tensor cores instead of fp32 math.

@@ -27,13 +27,19 @@ GROUPED_DEVICES = frozenset({"cpu"})
 NEG_KEY = ((0xFF800000 ^ 0x7FFFFFFF) - (1 << 32)) << 32
 
 
+def groupable(n: int, k: int) -> bool:
+    """Whether `select_topk` can group n columns for the top k: GROUP divides n, and the
+    GROUP * k candidates are at most a quarter of them."""
+    return n % GROUP == 0 and 4 * GROUP * k <= n
+
+
 def select_topk(pre_acts: Tensor, k: int, sorted: bool = True) -> tuple[Tensor, Tensor]:
     """The k largest entries of each row of a (b, n) tensor: values, int64 indices.
 
     Largest first if `sorted`, else in no particular order.
     """
     b, n = pre_acts.shape
-    if pre_acts.device.type not in GROUPED_DEVICES or n % GROUP or 4 * GROUP * k > n or b == 0:
+    if pre_acts.device.type not in GROUPED_DEVICES or not groupable(n, k) or b == 0:
         return pre_acts.topk(k, dim=1, sorted=sorted)
     g = n // GROUP
     group_max = pre_acts.view(b, GROUP, g).amax(1)  # (b, g): max over columns c + g * r
