@@ -144,7 +144,7 @@ class SaetrainRun:
 
     def __init__(self, d_in: int, args: argparse.Namespace, device: torch.device):
         from saetrain import SAEConfig
-        from saetrain.module import default_lr, lr_factor
+        from saetrain.module import DECAY_START, default_lr, lr_factor
 
         torch.manual_seed(args.seed)
         cfg = SAEConfig(d_in, args.num_latents, k=args.k, dead_tokens_threshold=args.dead_tokens)
@@ -154,15 +154,14 @@ class SaetrainRun:
             self.sae.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True
         )  # as SAEModule.configure_optimizers
         total, warmup = args.steps, min(args.warmup, args.steps)
-        decay_start = 0.8  # SAEModule's default (configure_optimizers, lr_decay="linear")
-        factor = lr_factor(total, warmup, "linear", decay_start)
+        factor = lr_factor(total, warmup)  # SAEModule.configure_optimizers' defaults
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
         self.since_fired = torch.zeros(cfg.num_latents, dtype=torch.long, device=device)
         self.settings = {
             "optimizer": "Adam betas (0.9, 0.999) eps 6.25e-10",
             "lr": self.lr,
             "schedule": (
-                f"warm-up {warmup} steps, linear decay to 0 from {decay_start:.0%} of the run"
+                f"warm-up {warmup} steps, linear decay to 0 from {DECAY_START:.0%} of the run"
             ),
             "init": "b_dec = batch mean, inputs scaled to unit mean squared norm",
             "auxk": f"coef {cfg.auxk_coef}, k_aux {cfg.k_aux}",

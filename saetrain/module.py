@@ -41,11 +41,15 @@ def default_lr(num_latents: int, base: float = 2e-3) -> float:
     return base / math.sqrt(num_latents / 2**14)
 
 
+DECAY_START = 0.8
+"""The fraction of the run after which the learning rate decays, unless configured."""
+
+
 def lr_factor(
     total: int,
     warmup: int,
     decay: Literal["linear", "cosine", "constant"] = "linear",
-    decay_start: float = 0.8,
+    decay_start: float = DECAY_START,
 ):
     """The learning-rate multiplier of each step (for ``LambdaLR``): linear warm-up over
     ``warmup`` steps, then constant until ``decay_start`` of the ``total`` steps, then a linear
@@ -175,7 +179,7 @@ class SAEModule(L.LightningModule):
         eps: float = 6.25e-10,
         warmup_steps: int = 100,
         lr_decay: Literal["linear", "cosine", "constant"] = "linear",
-        decay_start: float = 0.8,
+        decay_start: float = DECAY_START,
         sae_variants: list[dict] | None = None,
     ):
         super().__init__()
@@ -301,7 +305,7 @@ class SAEModule(L.LightningModule):
                 hit = out.latent_acts > 0
                 fired[torch.where(hit, out.latent_indices, n).flatten()] = True
                 fired_masks.append(fired[:n])
-                l0 = (out.latent_acts > 0).sum(-1).float().mean()
+                l0 = hit.sum(-1).float().mean()
             t.train_metrics["fvu"](out.fvu.detach())
             t.train_metrics["l0"](l0)
             t.train_metrics["auxk_loss"](out.auxk_loss.detach())
