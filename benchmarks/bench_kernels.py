@@ -37,9 +37,11 @@ from saetrain.kernels import (
     get_backend,
     normalize_decoder_,
     project_decoder_grad_,
+    sparse_ops,
 )
 from saetrain.kernels import encode as encode_module
 from saetrain.kernels import topk as topk_module
+from saetrain.kernels._backend import triton_interpreted
 from saetrain.kernels.topk import select_topk
 
 
@@ -76,6 +78,11 @@ def dense_step(p, x, k, dead_mask, k_aux):
     return losses(x, x_hat, e_hat, x_hat - x)
 
 
+def triton_runs(device: str) -> bool:
+    """Whether the Triton kernels serve `device` (CUDA, or CPU under the interpreter)."""
+    return get_backend() != "torch" and (device == "cuda" or triton_interpreted())
+
+
 @contextlib.contextmanager
 def fused_encoder(fused: bool):
     """Run the CUDA encoder fused (matmul + selection in one kernel) or not, then restore."""
@@ -84,6 +91,16 @@ def fused_encoder(fused: bool):
         yield
     finally:
         encode_module.FUSE_ON_CUDA = previous
+
+
+@contextlib.contextmanager
+def latent_major(on: bool):
+    """Sum the Triton path's weight-gradient rows latent-major or token-major, then restore."""
+    previous, sparse_ops.LATENT_MAJOR = sparse_ops.LATENT_MAJOR, on
+    try:
+        yield
+    finally:
+        sparse_ops.LATENT_MAJOR = previous
 
 
 def kernel_step(p, x, k, dead_mask, k_aux):
@@ -111,13 +128,18 @@ def unfused_kernel_step(p, x, k, dead_mask, k_aux):
         return kernel_step(p, x, k, dead_mask, k_aux)
 
 
-def make_train_step(forward, p, opt, x, k, dead_mask, k_aux, autocast_dtype, sparse_norm):
+def make_train_step(
+    forward, p, opt, x, k, dead_mask, k_aux, autocast_dtype, sparse_norm, major=None
+):
+    """One training step as a function; `major`: LATENT_MAJOR for its backward (None: as set)."""
+
     def step():
         with torch.autocast(
             x.device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32
         ):
             loss = forward(p, x, k, dead_mask, k_aux)
-        loss.backward()
+        with latent_major(sparse_ops.LATENT_MAJOR if major is None else major):
+            loss.backward()
         W_dec = p["W_dec"]
         if sparse_norm:
             project_decoder_grad_(W_dec, W_dec.grad)
@@ -176,15 +198,19 @@ def bench_steps(args, dtype_name: str) -> None:
         t.grad = torch.randn_like(t)
     adam = torch.optim.Adam(p_adam.values(), lr=1e-4, fused=True)
     fns["fused Adam alone"] = adam.step
-    steps = [("dense autograd step", dense_step, False), ("kernel step", kernel_step, True)]
-    if x.device.type == "cuda" and get_backend() != "torch":
-        steps[1] = ("kernel step (fused)", fused_kernel_step, True)
-        steps.append(("kernel step (matmul+topk)", unfused_kernel_step, True))
-    for name, forward, sparse in steps:
+    steps = [
+        ("dense autograd step", dense_step, False, None),
+        ("kernel step", kernel_step, True, None),
+    ]
+    if triton_runs(args.device):
+        steps[1] = ("kernel step (fused)", fused_kernel_step, True, None)
+        steps.append(("kernel step (matmul+topk)", unfused_kernel_step, True, False))
+        steps.append(("kernel step (latent-major)", unfused_kernel_step, True, True))
+    for name, forward, sparse, major in steps:
         p = make_sae(d_in, N, args.device)
         opt = torch.optim.Adam(p.values(), lr=1e-4, fused=True)
         fns[name] = make_train_step(
-            forward, p, opt, x, args.k, dead_mask, k_aux, autocast_dtype, sparse
+            forward, p, opt, x, args.k, dead_mask, k_aux, autocast_dtype, sparse, major
         )
     times = best_times(fns, args.rounds)
     if args.profile:
@@ -314,11 +340,12 @@ def bench_parts(args, dtype_name: str) -> None:
         values, _ = pre_acts.topk(k, dim=-1)
         values.relu().backward(grad_acts)
 
-    def enc_ours(fused):
+    def enc_ours(fused, major=False):
         def run():
             with fused_encoder(fused):
                 out = encode_topk(x, W_enc, b_enc, k)
-            out.latent_acts.backward(grad_acts)
+            with latent_major(major):
+                out.latent_acts.backward(grad_acts)
 
         return run
 
@@ -326,8 +353,12 @@ def bench_parts(args, dtype_name: str) -> None:
         latents = torch.zeros(B, N, device=dev, dtype=dtype).scatter(1, idx, acts)
         (latents @ W_dec).backward(grad_out)
 
-    def dec_ours():
-        decode(acts, idx, W_dec).backward(grad_out)
+    def dec_ours(major=False):
+        def run():
+            with latent_major(major):
+                decode(acts, idx, W_dec).backward(grad_out)
+
+        return run
 
     def floor():
         with torch.no_grad():
@@ -347,11 +378,16 @@ def bench_parts(args, dtype_name: str) -> None:
     fns = {"floor: encoder matmul": floor, "encoder fwd+bwd: dense": enc_dense}
     fns["top-k of the pre-acts: torch"] = topk_torch
     fns["top-k of the pre-acts: grouped"] = topk_grouped
-    if dev == "cuda" and get_backend() != "torch":
+    triton_here = triton_runs(dev)
+    if triton_here:
         fns["encoder fwd+bwd: fused"] = enc_ours(True)
     fns["encoder fwd+bwd: matmul+topk"] = enc_ours(False)
+    if triton_here:
+        fns["encoder fwd+bwd: latent-major"] = enc_ours(False, True)
     fns["decoder fwd+bwd: dense"] = dec_dense
-    fns["decoder fwd+bwd: sparse"] = dec_ours
+    fns["decoder fwd+bwd: sparse"] = dec_ours()
+    if triton_here:
+        fns["decoder fwd+bwd: latent-major"] = dec_ours(True)
     times = best_times(fns, args.rounds)
     print(f"\nparts, {dtype_name} (B={B}, d_in={d_in}, num_latents={N}, k={k})")
     for name, t in times.items():
@@ -366,6 +402,17 @@ def bench_parts(args, dtype_name: str) -> None:
     print(f"  top-k: grouped is {ratio:.2f}x the speed of torch.topk ({used})")
     ratio = times["decoder fwd+bwd: dense"] / times["decoder fwd+bwd: sparse"]
     print(f"  decoder: sparse is {ratio:.1f}x faster than dense")
+    if triton_here:  # the step rows decide sparse_ops.LATENT_MAJOR: it serves both parts
+        default = "on" if sparse_ops.LATENT_MAJOR else "off"
+        for part, token_major in (("decoder", "sparse"), ("encoder", "matmul+topk")):
+            ratio = times[f"{part} fwd+bwd: {token_major}"]
+            ratio /= times[f"{part} fwd+bwd: latent-major"]
+            print(
+                f"  {part}: latent-major is {ratio:.2f}x the speed of token-major "
+                f"(sparse_ops.LATENT_MAJOR, {default} by default)"
+            )
+        ratio = times["decoder fwd+bwd: dense"] / times["decoder fwd+bwd: latent-major"]
+        print(f"  decoder: latent-major is {ratio:.1f}x faster than dense")
     if "encoder fwd+bwd: fused" in times:
         ratio = times["encoder fwd+bwd: matmul+topk"] / times["encoder fwd+bwd: fused"]
         print(f"  encoder: fused is {ratio:.2f}x the speed of matmul+topk")
@@ -441,7 +488,12 @@ def print_tiles() -> None:
     """The tiles the autotuner chose for the gathers and the scatter, per (k, d, dtypes)."""
     from saetrain.kernels import sparse_ops
 
-    for name in ("_gather_combine_tuned", "_gather_dot_tuned", "_scatter_outer_tuned"):
+    for name in (
+        "_gather_combine_tuned",
+        "_gather_dot_tuned",
+        "_scatter_outer_tuned",
+        "_segment_outer_tuned",
+    ):
         tuner = getattr(sparse_ops, name, None)
         for key, config in getattr(tuner, "cache", {}).items():
             print(f"  autotuned {name.strip('_')[:-6]} {key}: {config}")

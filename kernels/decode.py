@@ -28,8 +28,7 @@ from .sparse_ops import (
     check_rows,
     compact_rows,
     gather_combine,
-    gather_dot,
-    scatter_outer,
+    outer_and_dots,
     table_for,
 )
 
@@ -75,13 +74,16 @@ class DecodeFunction(torch.autograd.Function):
         grad_W = None
         for g in live:
             grad = grad_outs[g].to(table.dtype).contiguous()  # (B, d_in)
-            if ctx.needs_input_grad[2 + 2 * g]:
-                dots = gather_dot(grad, indices[g], table, ctx.compacts[g])  # (B, k_g)
-                grads[2 + 2 * g] = dots.to(ctx.dtypes[1 + g])
-            if ctx.needs_input_grad[0]:  # several groups: summed in fp32, rounded once
-                dtype = ctx.dtypes[0] if len(live) == 1 else torch.float32
-                N, compact = table.shape[0], ctx.compacts[g]
-                grad_W = scatter_outer(acts[g], indices[g], grad, N, grad_W, None, compact, dtype)
+            want_acts = ctx.needs_input_grad[2 + 2 * g]
+            dtype = ctx.dtypes[0] if len(live) == 1 else torch.float32  # several: fp32 sums
+            # grad W_dec += acts^T grad (scattered rows) and the acts' gradient <grad, row>:
+            # one latent-major pass where it runs (sparse_ops.LATENT_MAJOR), else two.
+            grad_W, dots = outer_and_dots(
+                acts[g], indices[g], grad, table, grad_W, ctx.compacts[g], dtype,
+                rows=ctx.needs_input_grad[0], dots=want_acts,
+            )  # fmt: skip
+            if want_acts:
+                grads[2 + 2 * g] = dots.to(ctx.dtypes[1 + g])  # (B, k_g)
         if grad_W is not None:
             grads[0] = grad_W.to(ctx.dtypes[0])
         return tuple(grads)

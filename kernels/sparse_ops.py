@@ -116,6 +116,66 @@ if HAS_TRITON:
                 if pid_d == 0:
                     tl.atomic_add(bias_out_ptr + rows, coefs, mask=mask_k)
 
+    @triton.jit
+    def _segment_outer_kernel(
+        coef_ptr, entry_ptr, row_ptr, starts_ptr, vec_ptr, out_ptr, bias_ptr, table_ptr,
+        dots_ptr, num_rows, k, d,
+        ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOTS: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        # Latent-major: one program per (block of BLOCK_R rows, block of d). The B * k entries
+        # are sorted by row, so the block's entries are starts[i]:starts[i + 1]. Each chunk of
+        # BLOCK_E of them is a (BLOCK_R, BLOCK_E) coefficient matrix (entry e in the column of
+        # its row) times the (BLOCK_E, BLOCK_D) vectors of their tokens: one tl.dot, summed in
+        # fp32 registers. Every row of the block is written once, zeros included: no atomics
+        # and no zero fill. With HAS_DOTS the block's table rows, read once, also give each
+        # entry's part of <vectors[token], table[row]> (fp32 atomics over the d blocks).
+        pid_r, pid_d = tl.program_id(0), tl.program_id(1)
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+        mask_r = offs_r < num_rows
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+        mask_d = offs_d < d
+        tile = offs_r.to(tl.int64)[:, None] * d + offs_d[None, :]  # (BLOCK_R, BLOCK_D)
+        mask = mask_r[:, None] & mask_d[None, :]
+        start = tl.load(starts_ptr + pid_r)
+        end = tl.load(starts_ptr + pid_r + 1)
+        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        bias_acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        if HAS_DOTS:
+            w = tl.load(table_ptr + tile, mask=mask, other=0.0)  # (BLOCK_R, BLOCK_D)
+            if UPCAST:
+                w = w.to(tl.float32)
+        for e0 in range(start, end, BLOCK_E):
+            offs_e = e0 + tl.arange(0, BLOCK_E)  # (BLOCK_E,)
+            mask_e = offs_e < end
+            entry = tl.load(entry_ptr + offs_e, mask=mask_e, other=0).to(tl.int64)
+            rows = tl.load(row_ptr + offs_e, mask=mask_e, other=-1)
+            coefs = tl.load(coef_ptr + entry, mask=mask_e, other=0.0)  # (BLOCK_E,)
+            hit = rows[None, :] == offs_r[:, None]  # (BLOCK_R, BLOCK_E)
+            vecs = tl.load(
+                vec_ptr + (entry // k)[:, None] * d + offs_d[None, :],
+                mask=mask_e[:, None] & mask_d[None, :],
+                other=0.0,
+            )  # (BLOCK_E, BLOCK_D)
+            if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9); fp32 is exact
+                coefs, vecs = coefs.to(tl.float32), vecs.to(tl.float32)
+            spread = tl.where(hit, coefs[None, :], 0.0).to(vecs.dtype)  # exact: one coef each
+            acc = tl.dot(spread, vecs, acc, input_precision=PRECISION)
+            if HAS_BIAS:
+                bias_acc += tl.sum(tl.where(hit, coefs.to(tl.float32)[None, :], 0.0), axis=1)
+            if HAS_DOTS:
+                dots = tl.dot(vecs, tl.trans(w), input_precision=PRECISION)  # (BLOCK_E, BLOCK_R)
+                mine = tl.sum(tl.where(tl.trans(hit), dots, 0.0), axis=1)  # (BLOCK_E,)
+                tl.atomic_add(dots_ptr + entry, mine, mask=mask_e)
+        if ACCUMULATE:
+            acc += tl.load(out_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            if pid_d == 0:  # accumulates: the bias gradient gathers every group's sums
+                bias_acc += tl.load(bias_ptr + offs_r, mask=mask_r, other=0.0)
+                tl.store(bias_ptr + offs_r, bias_acc, mask=mask_r)
+
 
 if HAS_TRITON:
 
@@ -153,6 +213,21 @@ if HAS_TRITON:
     _gather_dot_tuned = _tuned(_gather_dot_kernel)
     # Trials add into the output again and again: it is put back after each.
     _scatter_outer_tuned = _tuned(_scatter_outer_kernel, ["out_ptr", "bias_out_ptr"])
+    # The latent-major kernel tunes its d tile, its entry chunk and its warps; its row block
+    # is fixed (`SEGMENT_ROWS`): the sorted entries' block starts are computed for it.
+    _segment_outer_tuned = triton.autotune(
+        [
+            triton.Config({"BLOCK_D": block_d, "BLOCK_E": block_e}, num_warps=warps)
+            for block_d, block_e, warps in (
+                ((16, 16, 1), (32, 16, 1))
+                if _INTERPRETED
+                else ((64, 32, 4), (128, 32, 4), (128, 64, 8), (256, 32, 8), (256, 64, 8))
+            )
+        ],
+        key=["k", "d", "HAS_DOTS"],
+        restore_value=["out_ptr", "bias_ptr", "dots_ptr"],
+        do_bench=_host_bench if _INTERPRETED else None,
+    )(_segment_outer_kernel)
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -291,6 +366,133 @@ def compact_rows(indices: Tensor, num_rows: int) -> Compact | None:
     return _compact_over(indices, num_rows, rows) if _few_rows(indices, rows.numel()) else None
 
 
+# Whether the Triton path sums weight-gradient rows latent-major (`segment_outer`: the
+# entries sorted by row, each block of rows summed in registers with tl.dot and written
+# once, and the decoder's latent gradients taken in the same pass) rather than token-major
+# (`scatter_outer`'s fp32 atomics, k rows per token, and a separate `gather_dot`). The
+# arithmetic for bf16, d_in=3072, 24,576 latents, k=32, B=4096 on an H200: token-major,
+# each pass reads or adds B * k rows of d (805 MB; the atomics at 0.88 ms a call measured
+# by session 2, and 0.52 ms for a gather), while latent-major reads each table row once
+# (151 MB), writes each gradient row once (302 MB), and reads the tokens' vectors (25 MB,
+# L2-resident) once per entry. Off until a GPU run of `benchmarks/bench_kernels.py --parts`
+# ("decoder: latent-major is N x token-major") says it pays: session 2's first sorted
+# version, one program per (row, 128 columns) with no tl.dot, measured 2.3-3x slower.
+LATENT_MAJOR = False
+# Rows per program of the latent-major kernel (a tl.dot dimension: at least 16).
+SEGMENT_ROWS = 64
+
+
+class Segments(NamedTuple):
+    """A (B, k) index tensor's entries sorted by row, for the latent-major kernel."""
+
+    rows: Tensor
+    """(B * k,) the entries' rows, ascending."""
+    entries: Tensor
+    """(B * k,) int64: where each sorted entry sits in the flattened (B, k) tensor."""
+    starts: Tensor
+    """(blocks + 1,) int64: the first sorted entry of each block of `block` rows, then B * k."""
+    block: int
+    """Rows per block."""
+
+
+def _segment_rows(device: torch.device) -> int:
+    """Rows per block of the latent-major kernel: small under the interpreter (tests)."""
+    return 16 if device.type == "cpu" else SEGMENT_ROWS
+
+
+def segments_of(indices: Tensor, num_rows: int) -> Segments:
+    """`indices` (B, k) sorted by row, with the start of each block of rows. No host sync.
+
+    Kept on the tensor (like `plan_rows`' plan): the decoder's backward and the encoder's
+    share one sort of the main latents a step.
+    """
+    block = _segment_rows(indices.device)
+    kept = getattr(indices, "segments", None)
+    if kept is not None and kept[0] == indices._version and kept[1] == (num_rows, block):
+        return kept[2]
+    rows, entries = indices.reshape(-1).sort()  # (B * k,)
+    # (blocks + 1,) bounds 0, block, ..., the last at or past num_rows (so it finds B * k)
+    bounds = torch.arange(0, num_rows + block, block, device=indices.device, dtype=rows.dtype)
+    starts = torch.searchsorted(rows, bounds)
+    segments = Segments(rows, entries, starts, block)
+    indices.segments = (indices._version, (num_rows, block), segments)
+    return segments
+
+
+def _latent_major(indices: Tensor, compact: Compact | None) -> bool:
+    """Whether a group of `indices` goes through `segment_outer` (see LATENT_MAJOR)."""
+    B, k = indices.shape
+    return LATENT_MAJOR and compact is None and B * k > 0 and use_triton(indices.device)
+
+
+def segment_outer(
+    coefs: Tensor,
+    indices: Tensor,
+    vectors: Tensor,
+    num_rows: int,
+    out: Tensor | None = None,
+    out_bias: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    table: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """`scatter_outer` latent-major (Triton), and with `table` also
+    `gather_dot(vectors, indices, table)` from the same pass: (out, dots or None).
+
+    coefs (B, k), vectors (B, d) and table (num_rows, d) share one dtype. `out`: an fp32
+    (num_rows, d) tensor accumulated into, or None: a new one in `dtype`, every row written
+    once (rounded once from fp32 sums). `out_bias`: an optional fp32 (num_rows,) tensor
+    accumulated into. dots are in coefs' dtype.
+    """
+    B, k = indices.shape
+    d = vectors.shape[1]
+    if coefs.dtype != vectors.dtype:  # the kernel multiplies in one dtype: fp32 keeps both
+        coefs, vectors = coefs.float(), vectors.float()
+        table = None if table is None else table.float()
+    segments = segments_of(indices, num_rows)
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty(num_rows, d, dtype=dtype, device=vectors.device)
+    elif out.dtype != torch.float32:
+        raise ValueError(f"segment_outer accumulates into fp32 only, got {out.dtype}.")
+    dots = torch.zeros(B, k, device=vectors.device) if table is not None else None
+    interpreted = vectors.device.type == "cpu"
+    fp32_on_gpu = vectors.dtype == torch.float32 and not interpreted and not torch.version.hip
+    grid = lambda meta: (len(segments.starts) - 1, triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
+    _segment_outer_tuned[grid](
+        coefs, segments.entries, segments.rows, segments.starts, vectors, out,
+        out if out_bias is None else out_bias, vectors if table is None else table,
+        out if dots is None else dots, num_rows, k, d,
+        ACCUMULATE=accumulate, HAS_BIAS=out_bias is not None, HAS_DOTS=table is not None,
+        UPCAST=interpreted, PRECISION="tf32x3" if fp32_on_gpu else "ieee",
+        BLOCK_R=segments.block,
+    )  # fmt: skip
+    return out, None if dots is None else dots.to(coefs.dtype)
+
+
+def outer_and_dots(
+    coefs: Tensor,
+    indices: Tensor,
+    vectors: Tensor,
+    table: Tensor,
+    out: Tensor | None,
+    compact: Compact | None,
+    dtype: torch.dtype,
+    rows: bool,
+    dots: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The decoder's backward for one group: (out + scatter_outer's rows if `rows`,
+    gather_dot(vectors, indices, table) if `dots`), latent-major in one pass where
+    LATENT_MAJOR holds for the group, else as the two ops."""
+    num_rows = table.shape[0]
+    if rows and _latent_major(indices, compact):
+        return segment_outer(coefs, indices, vectors, num_rows, out, None, dtype,
+                             table if dots else None)  # fmt: skip
+    got = gather_dot(vectors, indices, table, compact) if dots else None
+    if rows:
+        out = scatter_outer(coefs, indices, vectors, num_rows, out, None, compact, dtype)
+    return out, got
+
+
 # torch's mm with an fp32 result for half inputs (CUDA): tensor cores instead of fp32 math.
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
@@ -417,6 +619,10 @@ def scatter_outer(
         if out_bias is not None:
             out_bias.index_add_(0, flat, coefs.reshape(-1).float())
         return out
+    if _latent_major(indices, compact):
+        if out is None or out.dtype == torch.float32:
+            return segment_outer(coefs, indices, vectors, num_rows, out, out_bias, dtype)[0]
+        return out.add_(segment_outer(coefs, indices, vectors, num_rows, None, out_bias)[0])
     # fp32 atomics. (A sort-by-row segment sum without atomics measured 2.3-3x slower on an
     # H200: 4.6 ms against 2.0 ms for the decoder forward + backward at d_in=3072.)
     fp32_out = out if out is not None and out.dtype == torch.float32 else None

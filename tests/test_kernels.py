@@ -54,13 +54,17 @@ TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2
 SHAPES = {"32x64": (32, 64), "24x100": (24, 100)}
 
 
-@pytest.fixture(params=["torch", "triton"])
-def device(request):
-    """Run the test on one backend; yields the device its tensors go on."""
-    if request.param == "triton" and not TRITON_RUNS_HERE:
+@pytest.fixture(params=["torch", "triton", "triton-latent-major"])
+def device(request, monkeypatch):
+    """Run the test on one backend; yields the device its tensors go on. "triton-latent-major" is
+    the Triton backend with the weight-gradient rows summed latent-major
+    (sparse_ops.LATENT_MAJOR)."""
+    triton = request.param != "torch"
+    if triton and not TRITON_RUNS_HERE:
         pytest.skip("triton was imported before TRITON_INTERPRET=1: see the subprocess test")
-    previous = set_backend(request.param)
-    yield torch.device("cuda" if request.param == "triton" and torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(sparse_ops, "LATENT_MAJOR", request.param == "triton-latent-major")
+    previous = set_backend("triton" if triton else "torch")
+    yield torch.device("cuda" if triton and torch.cuda.is_available() else "cpu")
     set_backend(previous)
 
 
@@ -458,6 +462,49 @@ def scatter_sum(values, indices, vectors, num_rows):
     return out.index_add_(0, indices.reshape(-1), rows.reshape(-1, vectors.shape[1]))
 
 
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_latent_major_sums_match_float64_scatters_and_dots(dtype):
+    # segment_outer alone: rows (written whole, or added to an fp32 tensor), the bias sums
+    # (added to what is there) and the dots <vectors[b], table[indices[b, j]]>, against
+    # fp64. Shapes cover a row block past num_rows (37 rows in blocks of 16), a d tile past
+    # d (17), k = 1, a latent repeated within a token, one picked by every token (more
+    # entries than an entry chunk, in one block), and rows nobody picks (zeros).
+    if not TRITON_RUNS_HERE:
+        pytest.skip("needs Triton (CUDA or the interpreter)")
+    previous = set_backend("triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(3)
+    try:
+        for B, k, N, d in ((7, 5, 100, 24), (9, 1, 64, 32), (40, 3, 37, 17)):
+            indices = torch.randint(0, N // 2, (B, k), generator=gen)  # the top half: unpicked
+            indices[:, 0] = 5
+            indices[0, 1:] = 3
+            coefs, vectors = torch.randn(B, k, generator=gen), torch.randn(B, d, generator=gen)
+            table = torch.randn(N, d, generator=gen)
+            indices, coefs, vectors, table = (t.to(dev) for t in (indices, coefs, vectors, table))
+            coefs, vectors, table = coefs.to(dtype), vectors.to(dtype), table.to(dtype)
+            bias = torch.randn(N, generator=gen).to(dev)
+            want_rows = scatter_sum(coefs, indices, vectors, N)
+            want_bias = bias.double().index_add(0, indices.reshape(-1), coefs.double().reshape(-1))
+            want_dots = (vectors.double().unsqueeze(1) * table.double()[indices]).sum(-1)
+
+            rows, dots = sparse_ops.segment_outer(coefs, indices, vectors, N, None, bias,
+                                                  torch.float32, table)  # fmt: skip
+            torch.testing.assert_close(rows.double(), want_rows, rtol=1e-5, atol=1e-5)
+            assert not rows[N // 2 :].any()
+            torch.testing.assert_close(bias.double(), want_bias, rtol=1e-5, atol=1e-5)
+            assert dots.dtype == dtype
+            close(dots.double(), want_dots, dtype)
+            start = torch.randn(N, d, generator=gen).to(dev)
+            rows, none = sparse_ops.segment_outer(coefs, indices, vectors, N, start.clone())
+            torch.testing.assert_close(
+                rows.double(), start.double() + want_rows, rtol=1e-5, atol=1e-5
+            )
+            assert none is None
+    finally:
+        set_backend(previous)
+
+
 @pytest.mark.parametrize("half_table", [False, True], ids=["master-table", "half-table"])
 def test_under_autocast_fp32_weights_get_fp32_gradients_never_rounded_to_bf16(
     device, half_table, monkeypatch
@@ -511,9 +558,12 @@ class HostSyncs(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops = []
+        self.all = []  # every op, by name
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__.split(".")[0] in SYNC_OPS:
+        name = func.__name__.split(".")[0]
+        self.all.append(name)
+        if name in SYNC_OPS:
             self.ops.append(func.__name__)
         return func(*args, **(kwargs or {}))
 
@@ -528,6 +578,8 @@ def test_a_training_step_on_the_triton_path_waits_for_the_device_once(device, de
         pytest.skip("the torch path serves CPUs, where its CSR scatter counts rows on the host")
     monkeypatch.setattr(sparse_ops, "DENSE_MIN_ENTRIES", 0)
     monkeypatch.setattr(sparse_ops, "DENSE_UNDER_INTERPRETER", True)
+    if sparse_ops.LATENT_MAJOR:  # the encoder CUDA runs by default (matmul + top-k); the
+        monkeypatch.setattr(encode_module, "MAX_FUSED_K", 0)  # "triton" case runs the fused one
     torch.manual_seed(0)
     sae = SAE(SAEConfig(d_in=16, num_latents=256, k=4, k_aux=8)).to(device)
     x = torch.randn(32, 16, device=device)
@@ -546,7 +598,12 @@ def test_a_training_step_on_the_triton_path_waits_for_the_device_once(device, de
     assert syncs.ops == ["nonzero.default"]
     enc = encode_topk(x, sae.W_enc, sae.b_enc, 4, dead_mask, 8)
     assert sparse_ops.compact_rows(enc.latent_indices, 256) is None  # 256 rows > 16 * k
-    assert (sparse_ops.compact_rows(enc.aux_indices, 256) is not None) == (dead <= 16 * 8)
+    dense_aux = sparse_ops.compact_rows(enc.aux_indices, 256) is not None
+    assert dense_aux == (dead <= 16 * 8)
+    # Latent-major: each sparse selection is sorted once a step, the decoder's backward and
+    # the encoder's sharing the sort.
+    sorts = syncs.all.count("sort")
+    assert sorts == ((1 if dense_aux else 2) if sparse_ops.LATENT_MAJOR else 0)
 
 
 # ---------------------------------------------------------------- a whole training step
@@ -638,17 +695,20 @@ def test_triton_kernels_match_the_reference_at_training_width_on_gpu(dtype, monk
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("major", [False, True], ids=["token-major", "latent-major"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "matmul+topk"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_kernels_at_a_training_batch_on_gpu(dtype, fused, monkeypatch):
-    # A real batch: 2048 tokens x 16384 latents, so the atomics of the scatter collide and
-    # the encoder splits the latents across many programs. Near-ties may pick a different
-    # latent than the reference, so selections are checked by value and the backward passes
-    # against dense products built from the kernels' own selection. Sums over up to 2048
-    # tokens in another order: fp32 gets atol 1e-4.
+def test_kernels_at_a_training_batch_on_gpu(dtype, fused, major, monkeypatch):
+    # A real batch: 2048 tokens x 16384 latents, so the atomics of the scatter collide (or,
+    # latent-major, blocks of rows hold hundreds of sorted entries) and the encoder splits
+    # the latents across many programs. Near-ties may pick a different latent than the
+    # reference, so selections are checked by value and the backward passes against dense
+    # products built from the kernels' own selection. Sums over up to 2048 tokens in
+    # another order: fp32 gets atol 1e-4.
     tol = dict(rtol=2e-2, atol=2e-3) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
     monkeypatch.setitem(TOL, torch.float32, tol)
     monkeypatch.setattr(encode_module, "FUSE_ON_CUDA", fused)
+    monkeypatch.setattr(sparse_ops, "LATENT_MAJOR", major)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     previous = set_backend("triton")
     try:
