@@ -8,8 +8,10 @@
 # It needs torch and triton with a CUDA GPU, nothing else installed: saetrain runs from the
 # checkout (saetrain.kernels is linked to kernels/ as the installed package maps it).
 # Decisions it informs: "top-k: grouped is N x the speed of torch.topk" (add "cuda" to
-# kernels/topk.py GROUPED_DEVICES if N > 1), "encoder: fused is N x" (FUSE_ON_CUDA), and the
-# "autotuned" lines (the d tiles the gathers and the scatter chose).
+# kernels/topk.py GROUPED_DEVICES if N > 1), "encoder: fused is N x" (FUSE_ON_CUDA), the
+# "kernel step (latent-major)" row against "kernel step (matmul+topk)" with the two
+# "latent-major is N x the speed of token-major" lines (kernels/sparse_ops.py LATENT_MAJOR:
+# True if the step row is faster), and the "autotuned" lines (the tiles each kernel chose).
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -20,20 +22,19 @@ bench="python3 benchmarks/bench_kernels.py --rounds 5"
     # Timeouts add up to 560 s, under a device call's 600 s; the most telling lines come first.
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-    echo "== GPU correctness: training-size batch, whole training step"
-    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "gpu or training_step"
+    echo "== GPU correctness: training-size batch, whole training step, latent-major sums"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+        -k "gpu or training_step or latent_major"
     echo "== d_in=3072, num_latents=24576, k=32, B=4096 (the issue's GPU target)"
     timeout 150 $bench --d-in 3072 --num-latents 24576 --dtypes bf16 --parts ${SWEEP:+--sweep}
     echo "== the same at B=16384 (at B=4096 fused Adam alone caps any step near 0.45x the floor)"
-    timeout 70 $bench --d-in 3072 --num-latents 24576 --dtypes bf16 --batch 16384
-    echo "== the torch path on CUDA (embedding_bag gathers, cuSPARSE CSR scatter) for comparison"
-    SAETRAIN_KERNELS=torch timeout 70 $bench --d-in 3072 --num-latents 24576 --dtypes bf16 --parts
+    timeout 80 $bench --d-in 3072 --num-latents 24576 --dtypes bf16 --batch 16384
     echo "== fp32 at the issue's shape"
     timeout 60 $bench --d-in 3072 --num-latents 24576 --dtypes fp32 --parts
-    echo "== 10% dead: AuxK's dense-over-dead-rows path (fp32 matmuls) at its largest"
+    echo "== 10% dead: AuxK's dense-over-dead-rows path at its largest"
     timeout 30 $bench --d-in 3072 --num-latents 24576 --dtypes bf16 --dead-fraction 0.1 --rounds 3
     echo "== d_in=576, num_latents=16384, k=32, B=4096 (the CPU benchmark's shape)"
     timeout 40 $bench --dtypes fp32,bf16 --parts
-    echo "== every kernel test on CUDA"
-    timeout 50 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
+    echo "== the torch path on CUDA (embedding_bag gathers, cuSPARSE CSR scatter) for comparison"
+    SAETRAIN_KERNELS=torch timeout 50 $bench --d-in 3072 --num-latents 24576 --dtypes bf16 --parts
 } 2>&1 | tee "$OUT/gpu_check.log"
