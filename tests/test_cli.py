@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from host_syncs import HostSyncs
 from lmfixtures import error_line, tiny_fit_args
 
 from saetrain import load_sae
@@ -80,29 +81,14 @@ def test_the_training_step_reads_nothing_back_from_the_device_after_the_first(
     # On a GPU each read (item(), nonzero, boolean indexing, torchmetrics' NaN checks) stalls
     # the launch queue. The module's own code reads sae.initialized once, on the first step;
     # the kernels' one read (the dead latents' ids) is counted in test_kernels.py.
-    import traceback
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     reads = []
-
-    class Reads(TorchDispatchMode):
-        def __init__(self, batch_idx):
-            super().__init__()
-            self.batch_idx = batch_idx
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.__name__.split(".")[0] in ("_local_scalar_dense", "nonzero", "is_nonzero"):
-                ours = [f.filename for f in traceback.extract_stack() if "/saetrain/" in f.filename]
-                if ours and ours[-1].endswith("module.py"):
-                    reads.append((self.batch_idx, func.__name__))
-            return func(*args, **(kwargs or {}))
-
     step = SAEModule.training_step
 
     def counted(self, batch, batch_idx):
-        with Reads(batch_idx):
-            return step(self, batch, batch_idx)
+        with HostSyncs(only_from="module.py") as syncs:
+            loss = step(self, batch, batch_idx)
+        reads.extend((batch_idx, op) for op in syncs.ops)
+        return loss
 
     monkeypatch.setattr(SAEModule, "training_step", counted)
     assert main(fit_args(tiny_model_dir, chat_jsonl, tmp_path, "--trainer.max_steps", "6")) == 0

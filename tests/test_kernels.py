@@ -25,6 +25,7 @@ if not torch.cuda.is_available():
 
 import saetrain.kernels.encode as encode_module  # noqa: E402
 import saetrain.kernels.sparse_ops as sparse_ops  # noqa: E402
+from host_syncs import HostSyncs  # noqa: E402
 from saetrain.kernels import (  # noqa: E402
     decode,
     decode_pair,
@@ -547,25 +548,6 @@ def test_under_autocast_fp32_weights_get_fp32_gradients_never_rounded_to_bf16(
         used = grad != 0
         assert (grad.bfloat16().float() != grad)[used].float().mean() > 0.9
     assert x.grad.abs().sum() > 0 and b_enc.grad.abs().sum() > 0
-
-
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "bincount", "unique", "_unique2", "masked_select"}
-
-
-class HostSyncs(TorchDispatchMode):
-    """Counts the ops that make a CUDA host wait for the device (item(), nonzero, ...)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-        self.all = []  # every op, by name
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__.split(".")[0]
-        self.all.append(name)
-        if name in SYNC_OPS:
-            self.ops.append(func.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("dead", [10, 200], ids=["few-dead", "many-dead"])
