@@ -1,4 +1,4 @@
-"""Three gather/scatter primitives that the sparse decode and the encoder backward share.
+"""Four gather/scatter primitives that the sparse decode and the encoder backward share.
 
 With `indices` (B, k) naming k rows of a `table` (num_rows, d) for each of B tokens:
 
@@ -10,6 +10,11 @@ With `indices` (B, k) naming k rows of a `table` (num_rows, d) for each of B tok
 - `scatter_outer(coefs, indices, vectors, num_rows)`: grad[indices[b, j]] += coefs[b, j] *
   vectors[b], and optionally the bias gradient grad_b[indices[b, j]] += coefs[b, j]. Grad W_dec
   and grad W_enc (+ grad b_enc) as a scatter-add of k rows per token.
+- `segment_outer(coefs, indices, vectors, num_rows, table=table)`: `scatter_outer` computed
+  latent-major on the Triton path (the entries sorted by row, each block of rows summed in
+  registers and written once), and with `table` also `gather_dot(vectors, indices, table)`
+  from the same pass: the decoder's whole backward reads each row of W_dec once. Used
+  where `LATENT_MAJOR` is set.
 
 All accumulate in fp32. The Triton kernels serve CUDA tensors; on CPU the torch path uses
 the fastest ops measured at B=4096, d=576, num_latents=16384, k=32, fp32, on a 2-core
@@ -17,7 +22,7 @@ AVX-512 Xeon (benchmarks/bench_kernels.py --ops): embedding_bag (19 ms vs 270 ms
 gather + bmm), embedding_bag's per-sample-weight backward (35 ms vs 280 ms for gather +
 bmm), and a CSR sparse @ dense matmul (32 ms vs 230 ms for index_add_ and 345 ms for a
 dense scattered matmul). On CUDA, `scatter_outer` adds with fp32 atomics, and the tiles of
-all three kernels are autotuned on the first call for each (k, d). When the
+the kernels are autotuned on the first call for each (k, d). When the
 indices name few distinct rows (AuxK), `compact_rows` switches both devices to dense
 matmuls over just those rows.
 """
