@@ -319,7 +319,10 @@ def bench_parts(args, dtype_name: str) -> None:
     Encoder rows: the fused matmul + top-k kernel (CUDA) and cuBLAS + torch.topk, each with
     its sparse backward, against dense autograd (F.linear, topk, dense scatter). Decoder
     rows: the sparse decode against a dense (B, num_latents) latents @ W_dec, forward and
-    backward (grads for the latent values and W_dec).
+    backward (grads for the latent values and W_dec). Decoder-norm rows: the projection of
+    an fp32 W_dec's gradient and the renormalisation of its rows, ours against torch ops,
+    with the bandwidth their bytes (one read of W_dec and of its gradient, one write of each)
+    imply.
     """
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
@@ -364,6 +367,18 @@ def bench_parts(args, dtype_name: str) -> None:
         with torch.no_grad():
             F.linear(x, W_enc, b_enc)
 
+    W_norm = make_sae(d_in, N, dev)["W_dec"].detach()  # fp32, as the optimizer holds it
+    G_norm = torch.randn_like(W_norm)
+
+    def norm_ours():
+        project_decoder_grad_(W_norm, G_norm)
+        normalize_decoder_(W_norm)
+
+    @torch.no_grad()
+    def norm_torch():
+        G_norm.sub_((G_norm * W_norm).sum(1, keepdim=True) * W_norm)
+        W_norm.div_(W_norm.norm(dim=1, keepdim=True) + torch.finfo(W_norm.dtype).eps)
+
     def topk_torch():
         pre.topk(k, dim=-1)
 
@@ -384,6 +399,8 @@ def bench_parts(args, dtype_name: str) -> None:
     fns["encoder fwd+bwd: matmul+topk"] = enc_ours(False)
     if triton_here:
         fns["encoder fwd+bwd: latent-major"] = enc_ours(False, True)
+    fns["decoder-norm step: ours"] = norm_ours
+    fns["decoder-norm step: torch ops"] = norm_torch
     fns["decoder fwd+bwd: dense"] = dec_dense
     fns["decoder fwd+bwd: sparse"] = dec_ours()
     if triton_here:
@@ -402,6 +419,10 @@ def bench_parts(args, dtype_name: str) -> None:
     print(f"  top-k: grouped is {ratio:.2f}x the speed of torch.topk ({used})")
     ratio = times["decoder fwd+bwd: dense"] / times["decoder fwd+bwd: sparse"]
     print(f"  decoder: sparse is {ratio:.1f}x faster than dense")
+    moved = 4 * W_norm.numel() * W_norm.element_size()  # W and G: read once, written once
+    for name in ("ours", "torch ops"):
+        t = times[f"decoder-norm step: {name}"]
+        print(f"  decoder-norm step, {name}: {moved / t / 1e9:.0f} GB/s for one read and write")
     if triton_here:  # the step rows decide sparse_ops.LATENT_MAJOR: it serves both parts
         default = "on" if sparse_ops.LATENT_MAJOR else "off"
         for part, token_major in (("decoder", "sparse"), ("encoder", "matmul+topk")):

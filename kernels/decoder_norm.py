@@ -23,6 +23,12 @@ from .sparse_ops import _pow2
 # Rows whose squared norm is below this are left as they are rather than blown up.
 _TINY = torch.finfo(torch.float32).tiny
 _ROWS = 512
+# Rows up to this wide are read once on the Triton path, held in registers (16 fp32 values
+# per thread and tensor at 4096 wide, 8 warps); wider ones in two sweeps over 256-wide
+# tiles, the second reading W_dec (and the gradient) again. On an H200 at d_in=3072 the
+# two-sweep kernel took 0.30 ms a call (session 2's profile), where one read and one write
+# of W_dec (and its gradient) at 4.8 TB/s would take 0.13 ms (0.19 ms with the gradient).
+ONE_SWEEP_MAX_D = 8192
 
 if HAS_TRITON:
     import triton
@@ -31,36 +37,52 @@ if HAS_TRITON:
     @triton.jit
     def _decoder_norm_kernel(
         w_ptr, g_ptr, N, D, eps,
-        PROJECT: tl.constexpr, NORMALIZE: tl.constexpr,
+        PROJECT: tl.constexpr, NORMALIZE: tl.constexpr, ONE_SWEEP: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        # One program per BLOCK_R rows: one sweep for |w|^2 and <g, w>, one to write.
+        # One program per BLOCK_R rows. ONE_SWEEP (the rows fit one tile, BLOCK_D >= D): read
+        # them once and keep them in registers for the write. Otherwise one sweep for |w|^2
+        # and <g, w>, and a second that reads the rows again to write them.
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
         mask_r = rows < N
         rows = rows.to(tl.int64)
-        sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs = rows[:, None] * D + (d0 + tl.arange(0, BLOCK_D))[None, :]
-            mask = mask_r[:, None] & ((d0 + tl.arange(0, BLOCK_D)) < D)[None, :]
-            w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_R, BLOCK_D)
-            sq += tl.sum(w * w, axis=1)
-            if PROJECT:
-                g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                dot += tl.sum(w * g, axis=1)
-        coef = dot / tl.maximum(sq, 1.1754943508222875e-38)  # <g, w> / |w|^2
-        scale = 1.0 / (tl.sqrt(sq) + eps)
-        for d0 in range(0, D, BLOCK_D):
-            offs = rows[:, None] * D + (d0 + tl.arange(0, BLOCK_D))[None, :]
-            mask = mask_r[:, None] & ((d0 + tl.arange(0, BLOCK_D)) < D)[None, :]
+        if ONE_SWEEP:
+            offs = rows[:, None] * D + tl.arange(0, BLOCK_D)[None, :]  # (BLOCK_R, BLOCK_D)
+            mask = mask_r[:, None] & (tl.arange(0, BLOCK_D) < D)[None, :]
             w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            sq = tl.sum(w * w, axis=1)  # (BLOCK_R,)
             if PROJECT:
                 g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                coef = tl.sum(w * g, axis=1) / tl.maximum(sq, 1.1754943508222875e-38)
                 g -= coef[:, None] * w
                 tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
             if NORMALIZE:
-                w = w * scale[:, None]
+                w = w * (1.0 / (tl.sqrt(sq) + eps))[:, None]
                 tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=mask)
+        else:
+            sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                offs = rows[:, None] * D + (d0 + tl.arange(0, BLOCK_D))[None, :]
+                mask = mask_r[:, None] & ((d0 + tl.arange(0, BLOCK_D)) < D)[None, :]
+                w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                sq += tl.sum(w * w, axis=1)
+                if PROJECT:
+                    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                    dot += tl.sum(w * g, axis=1)
+            coef = dot / tl.maximum(sq, 1.1754943508222875e-38)  # <g, w> / |w|^2
+            scale = 1.0 / (tl.sqrt(sq) + eps)
+            for d0 in range(0, D, BLOCK_D):
+                offs = rows[:, None] * D + (d0 + tl.arange(0, BLOCK_D))[None, :]
+                mask = mask_r[:, None] & ((d0 + tl.arange(0, BLOCK_D)) < D)[None, :]
+                w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                if PROJECT:
+                    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                    g -= coef[:, None] * w
+                    tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+                if NORMALIZE:
+                    w = w * scale[:, None]
+                    tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
 def project_decoder_grad_reference(W_dec: Tensor, grad: Tensor) -> Tensor:
@@ -100,11 +122,14 @@ def _run(W_dec: Tensor, grad: Tensor | None, project: bool, normalize: bool) -> 
     if N == 0:
         return
     if use_triton(W_dec.device):
-        BLOCK_D = _pow2(D, 16, 256)
+        one_sweep = D <= ONE_SWEEP_MAX_D
+        # Two sweeps: 256-wide tiles; 16 under the interpreter, so tests walk several.
+        BLOCK_D = _pow2(D, 16, 1 << 30) if one_sweep else 16 if W_dec.device.type == "cpu" else 256
         BLOCK_R = max(1, 4096 // BLOCK_D)
         _decoder_norm_kernel[(triton.cdiv(N, BLOCK_R),)](
             W_dec, grad if project else W_dec, N, D, eps,
-            PROJECT=project, NORMALIZE=normalize, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+            PROJECT=project, NORMALIZE=normalize, ONE_SWEEP=one_sweep,
+            BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=8 if BLOCK_R * BLOCK_D >= 4096 else 4,
         )  # fmt: skip
         return
     # torch path, in fp32, ROWS rows at a time so the temporaries stay in cache (2.5x faster

@@ -23,6 +23,7 @@ import torch.nn.functional as F  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import saetrain.kernels.decoder_norm as decoder_norm_module  # noqa: E402
 import saetrain.kernels.encode as encode_module  # noqa: E402
 import saetrain.kernels.sparse_ops as sparse_ops  # noqa: E402
 from host_syncs import HostSyncs  # noqa: E402
@@ -372,9 +373,16 @@ def test_grouped_cpu_topk_picks_the_same_entries_as_torch_topk():
 # ---------------------------------------------------------------- decoder norm
 
 
+@pytest.mark.parametrize("sweeps", ["one-sweep", "two-sweeps"])
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_decoder_norm_step_projects_the_gradient_and_renormalises_rows(device, dtype, shape):
+def test_decoder_norm_step_projects_the_gradient_and_renormalises_rows(
+    device, dtype, shape, sweeps, monkeypatch
+):
+    # Triton: rows read once and kept in registers (up to ONE_SWEEP_MAX_D wide), or in two
+    # sweeps over 256-wide tiles (forced here by a limit below these widths).
+    if sweeps == "two-sweeps":
+        monkeypatch.setattr(decoder_norm_module, "ONE_SWEEP_MAX_D", 8)
     d_in, num_latents = shape
     gen = torch.Generator().manual_seed(6)
     W_dec = (3 * torch.randn(num_latents, d_in, generator=gen)).to(device, dtype)
