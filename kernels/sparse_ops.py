@@ -136,30 +136,29 @@ if HAS_TRITON:
         # fp32 registers. Every row of the block is written once, zeros included: no atomics
         # and no zero fill. With HAS_DOTS the block's table rows, read once, also give each
         # entry's part of <vectors[token], table[row]> (fp32 atomics over the d blocks).
+        # Registers are what limits this kernel (ptxas -v, sm_90: see
+        # benchmarks/kernel_resources.py): offsets are int32 from the block's own base
+        # pointers, and the output offsets are made after the loop, not kept through it.
         pid_r, pid_d = tl.program_id(0), tl.program_id(1)
-        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
-        mask_r = offs_r < num_rows
+        r0 = pid_r * BLOCK_R
+        local_r = tl.arange(0, BLOCK_R)  # (BLOCK_R,) rows of the block, from r0
+        mask_r = r0 + local_r < num_rows
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
         mask_d = offs_d < d
-        tile = offs_r.to(tl.int64)[:, None] * d + offs_d[None, :]  # (BLOCK_R, BLOCK_D)
-        mask = mask_r[:, None] & mask_d[None, :]
         start = tl.load(starts_ptr + pid_r)
         end = tl.load(starts_ptr + pid_r + 1)
         acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
         bias_acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        if HAS_DOTS:
-            w = tl.load(table_ptr + tile, mask=mask, other=0.0)  # (BLOCK_R, BLOCK_D)
-            if UPCAST:
-                w = w.to(tl.float32)
         for e0 in range(start, end, BLOCK_E):
             offs_e = e0 + tl.arange(0, BLOCK_E)  # (BLOCK_E,)
             mask_e = offs_e < end
-            entry = tl.load(entry_ptr + offs_e, mask=mask_e, other=0).to(tl.int64)
-            rows = tl.load(row_ptr + offs_e, mask=mask_e, other=-1)
+            entry = tl.load(entry_ptr + offs_e, mask=mask_e, other=0).to(tl.int32)
+            rows = tl.load(row_ptr + offs_e, mask=mask_e, other=-1).to(tl.int32)
             coefs = tl.load(coef_ptr + entry, mask=mask_e, other=0.0)  # (BLOCK_E,)
-            hit = rows[None, :] == offs_r[:, None]  # (BLOCK_R, BLOCK_E)
+            hit = (rows - r0)[None, :] == local_r[:, None]  # (BLOCK_R, BLOCK_E)
+            token_start = (entry // k).to(tl.int64) * d  # (BLOCK_E,)
             vecs = tl.load(
-                vec_ptr + (entry // k)[:, None] * d + offs_d[None, :],
+                vec_ptr + token_start[:, None] + offs_d[None, :],
                 mask=mask_e[:, None] & mask_d[None, :],
                 other=0.0,
             )  # (BLOCK_E, BLOCK_D)
@@ -169,17 +168,24 @@ if HAS_TRITON:
             acc = tl.dot(spread, vecs, acc, input_precision=PRECISION)
             if HAS_BIAS:
                 bias_acc += tl.sum(tl.where(hit, coefs.to(tl.float32)[None, :], 0.0), axis=1)
-            if HAS_DOTS:
-                dots = tl.dot(vecs, tl.trans(w), input_precision=PRECISION)  # (BLOCK_E, BLOCK_R)
-                mine = tl.sum(tl.where(tl.trans(hit), dots, 0.0), axis=1)  # (BLOCK_E,)
+            if HAS_DOTS:  # each entry's own row: the block's rows, cached after first use
+                w = tl.load(
+                    table_ptr + rows.to(tl.int64)[:, None] * d + offs_d[None, :],
+                    mask=mask_e[:, None] & mask_d[None, :],
+                    other=0.0,
+                )  # (BLOCK_E, BLOCK_D)
+                mine = tl.sum(vecs.to(tl.float32) * w.to(tl.float32), axis=1)  # (BLOCK_E,)
                 tl.atomic_add(dots_ptr + entry, mine, mask=mask_e)
+        out_block = out_ptr + r0.to(tl.int64) * d
+        local = local_r[:, None] * d + offs_d[None, :]  # (BLOCK_R, BLOCK_D)
+        mask = mask_r[:, None] & mask_d[None, :]
         if ACCUMULATE:
-            acc += tl.load(out_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            acc += tl.load(out_block + local, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_block + local, acc.to(out_ptr.dtype.element_ty), mask=mask)
         if HAS_BIAS:
             if pid_d == 0:  # accumulates: the bias gradient gathers every group's sums
-                bias_acc += tl.load(bias_ptr + offs_r, mask=mask_r, other=0.0)
-                tl.store(bias_ptr + offs_r, bias_acc, mask=mask_r)
+                bias_acc += tl.load(bias_ptr + r0 + local_r, mask=mask_r, other=0.0)
+                tl.store(bias_ptr + r0 + local_r, bias_acc, mask=mask_r)
 
 
 if HAS_TRITON:
@@ -219,14 +225,15 @@ if HAS_TRITON:
     # Trials add into the output again and again: it is put back after each.
     _scatter_outer_tuned = _tuned(_scatter_outer_kernel, ["out_ptr", "bias_out_ptr"])
     # The latent-major kernel tunes its d tile, its entry chunk and its warps; its row block
-    # is fixed (`SEGMENT_ROWS`): the sorted entries' block starts are computed for it.
+    # is fixed (`SEGMENT_ROWS`): the sorted entries' block starts are computed for it. Tiles
+    # that spill registers on sm_90 in bf16 (benchmarks/kernel_resources.py) are left out.
     _segment_outer_tuned = triton.autotune(
         [
             triton.Config({"BLOCK_D": block_d, "BLOCK_E": block_e}, num_warps=warps)
             for block_d, block_e, warps in (
                 ((16, 16, 1), (32, 16, 1))
                 if _INTERPRETED
-                else ((64, 32, 4), (128, 32, 4), (128, 64, 8), (256, 32, 8), (256, 64, 8))
+                else ((64, 32, 4), (128, 32, 4), (128, 64, 8), (256, 32, 8))
             )
         ],
         key=["k", "d", "HAS_DOTS"],

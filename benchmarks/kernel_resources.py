@@ -1,0 +1,183 @@
+"""Compile every Triton kernel for a GPU, without one, and print what each config costs it.
+
+    python benchmarks/kernel_resources.py               # sm_90 (H100, H200), every config
+    python benchmarks/kernel_resources.py --arch 80     # sm_80 (A100)
+    python benchmarks/kernel_resources.py --quick       # one config per kernel (the tests')
+
+Triton compiles for a target it is told about, and its wheel ships NVIDIA's ptxas, so this
+runs on a CPU-only machine. For each kernel and each config it would run on a GPU (the
+autotuners' own lists, the fixed tiles of the others) it prints the registers per thread,
+the bytes spilled to local memory and the shared memory per program, from `ptxas -v`. A
+config that spills, or that needs more shared memory than the GPU has, is flagged: the
+autotuner skips what does not fit, but a kernel none of whose configs fit would fail, and
+spills slow a kernel down where registers already limit how many programs run at once.
+
+Must run without TRITON_INTERPRET=1 (under the interpreter the kernels are not compiled).
+Exits non-zero when a kernel fails to compile or has no config that fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import warnings
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia import compiler as nvidia
+from triton.compiler import ASTSource
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("kernel_resources.py: unset TRITON_INTERPRET; the interpreter compiles nothing.")
+
+from saetrain.kernels import decoder_norm, encode, sparse_ops  # noqa: E402
+
+# Shared memory one program may use, by compute capability (CUDA's documented maxima).
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
+
+
+def ptr(dtype: str) -> str:
+    return f"*{dtype}"
+
+
+def gather_cases(quick: bool):
+    """(label, kernel, signature, constexprs, num_warps) for every config of each kernel."""
+    cases = []
+    tuned = sparse_ops._gather_combine_tuned.configs
+    for dtype in ("bf16", "fp32"):
+        for name, kernel in (
+            ("gather_combine", sparse_ops._gather_combine_kernel),
+            ("gather_dot", sparse_ops._gather_dot_kernel),
+        ):
+            sig = {"coef_ptr" if name == "gather_combine" else "vec_ptr": ptr(dtype)}
+            sig |= {"idx_ptr": "*i64", "table_ptr": ptr(dtype), "out_ptr": ptr(dtype)}
+            sig |= {"k": "i32", "d": "i32", "BLOCK_K": "constexpr", "BLOCK_D": "constexpr"}
+            for config in tuned[:1] if quick else tuned:
+                consts = {"BLOCK_K": 32, **config.kwargs}
+                cases.append((f"{name} {dtype}", kernel, sig, consts, config.num_warps))
+        sig = {"coef_ptr": ptr(dtype), "idx_ptr": "*i64", "vec_ptr": ptr(dtype)}
+        sig |= {"out_ptr": "*fp32", "bias_out_ptr": "*fp32", "k": "i32", "d": "i32"}
+        sig |= {n: "constexpr" for n in ("HAS_BIAS", "BLOCK_K", "BLOCK_D")}
+        for config in tuned[:1] if quick else tuned:
+            consts = {"HAS_BIAS": True, "BLOCK_K": 32, **config.kwargs}
+            label = f"scatter_outer {dtype}"
+            cases.append((label, sparse_ops._scatter_outer_kernel, sig, consts, config.num_warps))
+        sig = {"coef_ptr": ptr(dtype), "entry_ptr": "*i64", "row_ptr": "*i64"}
+        sig |= {"starts_ptr": "*i64", "vec_ptr": ptr(dtype), "out_ptr": "*fp32"}
+        sig |= {"bias_ptr": "*fp32", "table_ptr": ptr(dtype), "dots_ptr": "*fp32"}
+        sig |= {"num_rows": "i32", "k": "i32", "d": "i32"}
+        flags = ("ACCUMULATE", "HAS_BIAS", "HAS_DOTS", "UPCAST", "PRECISION")
+        sig |= {n: "constexpr" for n in (*flags, "BLOCK_R", "BLOCK_E", "BLOCK_D")}
+        precision = "ieee" if dtype == "bf16" else "tf32x3"
+        segment = sparse_ops._segment_outer_tuned.configs
+        for dots in (True, False):  # the decoder's pass (dots), the encoder's (bias)
+            for config in segment[:1] if quick else segment:
+                consts = dict(zip(flags, (False, not dots, dots, False, precision), strict=True))
+                consts |= {"BLOCK_R": sparse_ops.SEGMENT_ROWS, **config.kwargs}
+                label = f"segment_outer {dtype} {'dots' if dots else 'bias'}"
+                kernel = sparse_ops._segment_outer_kernel
+                cases.append((label, kernel, sig, consts, config.num_warps))
+    return cases
+
+
+def norm_cases(quick: bool):
+    sig = {"w_ptr": "*fp32", "g_ptr": "*fp32", "N": "i32", "D": "i32", "eps": "fp32"}
+    flags = ("PROJECT", "NORMALIZE", "ONE_SWEEP", "BLOCK_R", "BLOCK_D")
+    sig |= {n: "constexpr" for n in flags}
+    cases = []
+    widths = (3072,) if quick else (576, 3072, 8192, 16384)
+    for d in widths:  # the tiles decoder_norm._run picks for this width
+        one = d <= decoder_norm.ONE_SWEEP_MAX_D
+        block_d = sparse_ops._pow2(d, 16, 1 << 30) if one else 256
+        block_r = max(1, 4096 // block_d)
+        warps = 8 if block_r * block_d >= 4096 else 4
+        consts = dict(zip(flags, (True, True, one, block_r, block_d), strict=True))
+        cases.append((f"decoder_norm d={d}", decoder_norm._decoder_norm_kernel, sig, consts, warps))
+    return cases
+
+
+def encode_cases(quick: bool):
+    sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "dead_ptr": "*i1"}
+    sig |= {"keys_ptr": "*i64", "aux_keys_ptr": "*i64"}
+    sig |= {"B": "i32", "N": "i32", "D": "i32", "tiles_per_split": "i32"}
+    flags = ("KP", "KAP", "HAS_AUX", "NEG", "PRECISION", "UPCAST")
+    sig |= {n: "constexpr" for n in (*flags, "BLOCK_B", "BLOCK_N", "BLOCK_D")}
+    cases = []
+    for kap in (1,) if quick else (1, 64):  # k=32, without and with the fused aux selection
+        blocks = encode._fused_blocks(32, kap, torch.bfloat16, False)
+        consts = dict(zip(flags, (32, kap, kap > 1, encode.NEG_KEY, "ieee", False), strict=True))
+        consts |= dict(zip(("BLOCK_B", "BLOCK_N", "BLOCK_D"), blocks[:3], strict=True))
+        label = f"encode_topk (fused) bf16 k_aux={kap if kap > 1 else 0}"
+        cases.append((label, encode._encode_topk_kernel, sig, consts, blocks[3]))
+    return cases
+
+
+def resources(kernel, sig, consts, warps, arch: int) -> dict:
+    """Compile one config for sm_`arch`; registers, spills and shared memory per program."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = triton.compile(
+            ASTSource(fn=kernel, signature=sig, constexprs=consts),
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": warps},
+        )
+    ptxas = nvidia.get_ptxas(arch).path
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(compiled.asm["ptx"])
+        run = [ptxas, f"-arch=sm_{arch}{suffix}", "-v", path, "-o", os.devnull]
+        out = subprocess.run(run, capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spill = re.search(r"(\d+) bytes spill stores", out)
+    return {
+        "regs": int(regs.group(1)) if regs else -1,
+        "spill": int(spill.group(1)) if spill else 0,
+        "shared": compiled.metadata.shared,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability: 80, 90, ...")
+    parser.add_argument("--quick", action="store_true", help="one config per kernel")
+    args = parser.parse_args(argv)
+    limit = SHARED_LIMIT.get(args.arch, 99 * 1024)
+    print(f"sm_{args.arch}, triton {triton.__version__}, shared memory limit {limit} B")
+    fits: dict[str, bool] = {}
+    failed = []
+    for label, kernel, sig, consts, warps in [
+        *gather_cases(args.quick),
+        *norm_cases(args.quick),
+        *encode_cases(args.quick),
+    ]:
+        tiles = {k: v for k, v in consts.items() if k.startswith("BLOCK")}
+        config = " ".join(f"{k[6:]}={v}" for k, v in tiles.items()) + f" warps={warps}"
+        try:
+            got = resources(kernel, sig, consts, warps, args.arch)
+        except Exception as err:  # a compile error is the finding: print it, go on
+            failed.append(label)
+            print(f"  {label:34s} {config:34s} FAILED: {type(err).__name__}: {str(err)[:200]}")
+            continue
+        fit = got["shared"] <= limit
+        fits[label] = fits.get(label, False) or fit
+        flags = ("" if fit else "  TOO MUCH SHARED MEMORY") + ("  SPILLS" if got["spill"] else "")
+        print(
+            f"  {label:34s} {config:34s} regs {got['regs']:3d}  spill {got['spill']:5d} B  "
+            f"shared {got['shared']:6d} B{flags}"
+        )
+    unfit = [label for label, fit in fits.items() if not fit]
+    if failed or unfit:
+        print(f"failed to compile: {failed}; no config fits: {unfit}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
