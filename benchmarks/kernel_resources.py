@@ -69,17 +69,17 @@ def gather_cases(quick: bool):
             cases.append((label, sparse_ops._scatter_outer_kernel, sig, consts, config.num_warps))
         sig = {"coef_ptr": ptr(dtype), "entry_ptr": "*i64", "row_ptr": "*i64"}
         sig |= {"starts_ptr": "*i64", "vec_ptr": ptr(dtype), "out_ptr": "*fp32"}
-        sig |= {"bias_ptr": "*fp32", "table_ptr": ptr(dtype), "dots_ptr": "*fp32"}
+        sig |= {"table_ptr": ptr(dtype), "dots_ptr": "*fp32"}
         sig |= {"num_rows": "i32", "k": "i32", "d": "i32"}
-        flags = ("ACCUMULATE", "HAS_BIAS", "HAS_DOTS", "UPCAST", "PRECISION")
+        flags = ("ACCUMULATE", "HAS_DOTS", "UPCAST", "PRECISION")
         sig |= {n: "constexpr" for n in (*flags, "BLOCK_R", "BLOCK_E", "BLOCK_D")}
         precision = "ieee" if dtype == "bf16" else "tf32x3"
         segment = sparse_ops._segment_outer_tuned.configs
-        for dots in (True, False):  # the decoder's pass (dots), the encoder's (bias)
+        for dots in (True, False):  # the decoder's pass (with dots), the encoder's
             for config in segment[:1] if quick else segment:
-                consts = dict(zip(flags, (False, not dots, dots, False, precision), strict=True))
+                consts = dict(zip(flags, (False, dots, False, precision), strict=True))
                 consts |= {"BLOCK_R": sparse_ops.SEGMENT_ROWS, **config.kwargs}
-                label = f"segment_outer {dtype} {'dots' if dots else 'bias'}"
+                label = f"segment_outer {dtype}{' dots' if dots else ''}"
                 kernel = sparse_ops._segment_outer_kernel
                 cases.append((label, kernel, sig, consts, config.num_warps))
     return cases
@@ -117,14 +117,14 @@ def encode_cases(quick: bool):
     return cases
 
 
-def resources(kernel, sig, consts, warps, arch: int) -> dict:
+def resources(kernel, sig, consts, warps, arch: int, stages: int = 3) -> dict:
     """Compile one config for sm_`arch`; registers, spills and shared memory per program."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         compiled = triton.compile(
             ASTSource(fn=kernel, signature=sig, constexprs=consts),
             target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": warps},
+            options={"num_warps": warps, "num_stages": stages},
         )
     ptxas = nvidia.get_ptxas(arch).path
     suffix = "a" if arch >= 90 else ""
@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability: 80, 90, ...")
     parser.add_argument("--quick", action="store_true", help="one config per kernel")
+    parser.add_argument("--only", default="", help="kernels whose label contains this")
+    parser.add_argument("--stages", type=int, default=3, help="software-pipelining stages")
     args = parser.parse_args(argv)
     limit = SHARED_LIMIT.get(args.arch, 99 * 1024)
     print(f"sm_{args.arch}, triton {triton.__version__}, shared memory limit {limit} B")
@@ -157,10 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         *norm_cases(args.quick),
         *encode_cases(args.quick),
     ]:
+        if args.only not in label:
+            continue
         tiles = {k: v for k, v in consts.items() if k.startswith("BLOCK")}
         config = " ".join(f"{k[6:]}={v}" for k, v in tiles.items()) + f" warps={warps}"
         try:
-            got = resources(kernel, sig, consts, warps, args.arch)
+            got = resources(kernel, sig, consts, warps, args.arch, args.stages)
         except Exception as err:  # a compile error is the finding: print it, go on
             failed.append(label)
             print(f"  {label:34s} {config:34s} FAILED: {type(err).__name__}: {str(err)[:200]}")

@@ -123,9 +123,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _segment_outer_kernel(
-        coef_ptr, entry_ptr, row_ptr, starts_ptr, vec_ptr, out_ptr, bias_ptr, table_ptr,
-        dots_ptr, num_rows, k, d,
-        ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOTS: tl.constexpr,
+        coef_ptr, entry_ptr, row_ptr, starts_ptr, vec_ptr, out_ptr, table_ptr, dots_ptr,
+        num_rows, k, d,
+        ACCUMULATE: tl.constexpr, HAS_DOTS: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
@@ -148,7 +148,6 @@ if HAS_TRITON:
         start = tl.load(starts_ptr + pid_r)
         end = tl.load(starts_ptr + pid_r + 1)
         acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-        bias_acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for e0 in range(start, end, BLOCK_E):
             offs_e = e0 + tl.arange(0, BLOCK_E)  # (BLOCK_E,)
             mask_e = offs_e < end
@@ -166,8 +165,6 @@ if HAS_TRITON:
                 coefs, vecs = coefs.to(tl.float32), vecs.to(tl.float32)
             spread = tl.where(hit, coefs[None, :], 0.0).to(vecs.dtype)  # exact: one coef each
             acc = tl.dot(spread, vecs, acc, input_precision=PRECISION)
-            if HAS_BIAS:
-                bias_acc += tl.sum(tl.where(hit, coefs.to(tl.float32)[None, :], 0.0), axis=1)
             if HAS_DOTS:  # each entry's own row: the block's rows, cached after first use
                 w = tl.load(
                     table_ptr + rows.to(tl.int64)[:, None] * d + offs_d[None, :],
@@ -182,10 +179,6 @@ if HAS_TRITON:
         if ACCUMULATE:
             acc += tl.load(out_block + local, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_block + local, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        if HAS_BIAS:
-            if pid_d == 0:  # accumulates: the bias gradient gathers every group's sums
-                bias_acc += tl.load(bias_ptr + r0 + local_r, mask=mask_r, other=0.0)
-                tl.store(bias_ptr + r0 + local_r, bias_acc, mask=mask_r)
 
 
 if HAS_TRITON:
@@ -237,7 +230,7 @@ if HAS_TRITON:
             )
         ],
         key=["k", "d", "HAS_DOTS"],
-        restore_value=["out_ptr", "bias_ptr", "dots_ptr"],
+        restore_value=["out_ptr", "dots_ptr"],
         do_bench=_host_bench if _INTERPRETED else None,
     )(_segment_outer_kernel)
 
@@ -453,7 +446,7 @@ def segment_outer(
     coefs (B, k), vectors (B, d) and table (num_rows, d) share one dtype. `out`: an fp32
     (num_rows, d) tensor accumulated into, or None: a new one in `dtype`, every row written
     once (rounded once from fp32 sums). `out_bias`: an optional fp32 (num_rows,) tensor
-    accumulated into. dots are in coefs' dtype.
+    accumulated into (by torch's index_add_: one add per entry). dots are in coefs' dtype.
     """
     B, k = indices.shape
     d = vectors.shape[1]
@@ -472,12 +465,13 @@ def segment_outer(
     grid = lambda meta: (len(segments.starts) - 1, triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
     _segment_outer_tuned[grid](
         coefs, segments.entries, segments.rows, segments.starts, vectors, out,
-        out if out_bias is None else out_bias, vectors if table is None else table,
-        out if dots is None else dots, num_rows, k, d,
-        ACCUMULATE=accumulate, HAS_BIAS=out_bias is not None, HAS_DOTS=table is not None,
+        vectors if table is None else table, out if dots is None else dots, num_rows, k, d,
+        ACCUMULATE=accumulate, HAS_DOTS=table is not None,
         UPCAST=interpreted, PRECISION="tf32x3" if fp32_on_gpu else "ieee",
         BLOCK_R=segments.block,
     )  # fmt: skip
+    if out_bias is not None:
+        out_bias.index_add_(0, indices.reshape(-1), coefs.reshape(-1).float())
     return out, None if dots is None else dots.to(coefs.dtype)
 
 
