@@ -218,15 +218,22 @@ if HAS_TRITON:
     # Trials add into the output again and again: it is put back after each.
     _scatter_outer_tuned = _tuned(_scatter_outer_kernel, ["out_ptr", "bias_out_ptr"])
     # The latent-major kernel tunes its d tile, its entry chunk and its warps; its row block
-    # is fixed (`SEGMENT_ROWS`): the sorted entries' block starts are computed for it. Tiles
-    # that spill registers on sm_90 in bf16 (benchmarks/kernel_resources.py) are left out.
+    # is fixed (`SEGMENT_ROWS`): the sorted entries' block starts are computed for it. None
+    # of these spills registers on sm_90 in bf16 (benchmarks/kernel_resources.py).
     _segment_outer_tuned = triton.autotune(
         [
             triton.Config({"BLOCK_D": block_d, "BLOCK_E": block_e}, num_warps=warps)
             for block_d, block_e, warps in (
                 ((16, 16, 1), (32, 16, 1))
                 if _INTERPRETED
-                else ((64, 32, 4), (128, 32, 4), (128, 64, 8), (256, 32, 8))
+                else (
+                    (64, 32, 4),
+                    (64, 64, 4),
+                    (128, 32, 4),
+                    (128, 64, 8),
+                    (256, 32, 8),
+                    (256, 64, 8),
+                )
             )
         ],
         key=["k", "d", "HAS_DOTS"],
