@@ -198,6 +198,20 @@ def bench_steps(args, dtype_name: str) -> None:
         t.grad = torch.randn_like(t)
     adam = torch.optim.Adam(p_adam.values(), lr=1e-4, fused=True)
     fns["fused Adam alone"] = adam.step
+    # And what the decoder's forward alone costs: k rows of W_dec per token, read from memory
+    # (W_dec is far larger than a cache), a cost per token that no step avoids either.
+    with torch.no_grad():
+        picked = F.linear(x, p_floor["W_enc"]).topk(args.k, dim=1)
+    acts, idx = picked.values.relu().contiguous(), picked.indices.contiguous()
+
+    @torch.no_grad()
+    def forward_decode():
+        with torch.autocast(
+            x.device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32
+        ):
+            decode(acts, idx, p_floor["W_enc"])
+
+    fns["forward decode alone"] = forward_decode
     steps = [
         ("dense autograd step", dense_step, False, None),
         ("kernel step", kernel_step, True, None),
@@ -222,11 +236,19 @@ def bench_steps(args, dtype_name: str) -> None:
     )
     for name, t in times.items():
         speed = f"{B / t:10.0f} tok/s  {floor_time / t:6.2f} x floor speed"
-        print(f"  {name:26s} {t * 1e3:8.2f} ms  {'' if 'Adam' in name else speed}")
+        alone = "Adam" in name or "decode" in name
+        print(f"  {name:26s} {t * 1e3:8.2f} ms  {'' if alone else speed}")
     both = floor_time + times["fused Adam alone"]
     print(
         f"  matmul + Adam: {both * 1e3:.2f} ms, so no step beats {floor_time / both:.2f} x the "
         "floor's speed at this batch (the optimizer's share falls as the batch grows)"
+    )
+    three = both + times["forward decode alone"]
+    per_token = times["forward decode alone"] / floor_time
+    print(
+        f"  matmul + Adam + forward decode: {three * 1e3:.2f} ms, so no step beats "
+        f"{floor_time / three:.2f} x; the decode alone costs {per_token:.2f} of the floor at "
+        "any batch, and each backward pass that reads k rows per token from memory about as much"
     )
 
 
