@@ -510,6 +510,15 @@ def test_latent_major_sums_match_float64_scatters_and_dots(dtype):
                 rows.double(), start.double() + want_rows, rtol=1e-5, atol=1e-5
             )
             assert none is None
+            # Through scatter_outer: into a tensor of another dtype (summed in fp32, added
+            # once), and with fp32 coefficients for half vectors (multiplied in fp32).
+            start = torch.randn(N, d, generator=gen).to(dev, dtype)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(sparse_ops, "LATENT_MAJOR", True)
+                rows = sparse_ops.scatter_outer(coefs, indices, vectors, N, start.clone())
+                wide = sparse_ops.scatter_outer(coefs.float(), indices, vectors, N)
+            close(rows, (start.double() + want_rows).to(dtype), dtype)
+            torch.testing.assert_close(wide.double(), want_rows, rtol=1e-5, atol=1e-5)
     finally:
         set_backend(previous)
 
