@@ -7,7 +7,9 @@
 Triton compiles for a target it is told about, and its wheel ships NVIDIA's ptxas, so this
 runs on a CPU-only machine. For each kernel and each config it would run on a GPU (the
 autotuners' own lists, the fixed tiles of the others) it prints the registers per thread,
-the bytes spilled to local memory and the shared memory per program, from `ptxas -v`. A
+the bytes spilled to local memory and the shared memory per program, from `ptxas -v`, and
+the warps that can then be resident on an SM (out of 64: the gathers and scatters hide memory
+latency with them). A
 config that spills, or that needs more shared memory than the GPU has, is flagged: the
 autotuner skips what does not fit, but a kernel none of whose configs fit would fail, and
 spills slow a kernel down where registers already limit how many programs run at once.
@@ -39,6 +41,23 @@ from saetrain.kernels import decoder_norm, encode, sparse_ops  # noqa: E402
 
 # Shared memory one program may use, by compute capability (CUDA's documented maxima).
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
+# Per SM, on the data-centre parts (sm_80, sm_90, sm_100): 64K registers, 64 resident warps,
+# 32 resident programs, and the shared memory above plus 1 KB the runtime keeps per program.
+REGISTERS_PER_SM, WARPS_PER_SM, PROGRAMS_PER_SM = 65536, 64, 32
+
+
+def resident_warps(regs: int, shared: int, warps: int, arch: int) -> int:
+    """Warps of one kernel resident on an SM at once, as registers, shared memory and the
+    warp and program limits allow (registers are given out per warp in 256s). More warps
+    hide more memory latency, which bounds the gathers and scatters."""
+    per_warp = -(-regs * 32 // 256) * 256
+    programs = min(
+        REGISTERS_PER_SM // (per_warp * warps),
+        SHARED_LIMIT.get(arch, 99 * 1024) // (shared + 1024),
+        WARPS_PER_SM // warps,
+        PROGRAMS_PER_SM,
+    )
+    return programs * warps
 
 
 def ptr(dtype: str) -> str:
@@ -78,7 +97,7 @@ def gather_cases(quick: bool):
         for dots in (True, False):  # the decoder's pass (with dots), the encoder's
             for config in segment[:1] if quick else segment:
                 consts = dict(zip(flags, (False, dots, False, precision), strict=True))
-                consts |= {"BLOCK_R": sparse_ops.SEGMENT_ROWS, **config.kwargs}
+                consts |= config.kwargs
                 label = f"segment_outer {dtype}{' dots' if dots else ''}"
                 kernel = sparse_ops._segment_outer_kernel
                 cases.append((label, kernel, sig, consts, config.num_warps))
@@ -188,9 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         fit = got["shared"] <= limit
         fits[label] = fits.get(label, False) or fit
         flags = ("" if fit else "  TOO MUCH SHARED MEMORY") + ("  SPILLS" if got["spill"] else "")
+        resident = resident_warps(got["regs"], got["shared"], warps, args.arch)
         print(
             f"  {label:34s} {config:34s} regs {got['regs']:3d}  spill {got['spill']:5d} B  "
-            f"shared {got['shared']:6d} B{flags}"
+            f"shared {got['shared']:6d} B  {resident:2d} warps/SM{flags}"
         )
     unfit = [label for label, fit in fits.items() if not fit]
     if failed or unfit:

@@ -130,7 +130,7 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         # Latent-major: one program per (block of BLOCK_R rows, block of d). The B * k entries
-        # are sorted by row, so the block's entries are starts[i]:starts[i + 1]. Each chunk of
+        # are sorted by row, so the block's are starts[r0]:starts[r0 + BLOCK_R]. Each chunk of
         # BLOCK_E of them is a (BLOCK_R, BLOCK_E) coefficient matrix (entry e in the column of
         # its row) times the (BLOCK_E, BLOCK_D) vectors of their tokens: one tl.dot, summed in
         # fp32 registers. Every row of the block is written once, zeros included: no atomics
@@ -145,8 +145,8 @@ if HAS_TRITON:
         mask_r = r0 + local_r < num_rows
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
         mask_d = offs_d < d
-        start = tl.load(starts_ptr + pid_r)
-        end = tl.load(starts_ptr + pid_r + 1)
+        start = tl.load(starts_ptr + r0)
+        end = tl.load(starts_ptr + tl.minimum(r0 + BLOCK_R, num_rows))
         acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
         for e0 in range(start, end, BLOCK_E):
             offs_e = e0 + tl.arange(0, BLOCK_E)  # (BLOCK_E,)
@@ -217,22 +217,25 @@ if HAS_TRITON:
     _gather_dot_tuned = _tuned(_gather_dot_kernel)
     # Trials add into the output again and again: it is put back after each.
     _scatter_outer_tuned = _tuned(_scatter_outer_kernel, ["out_ptr", "bias_out_ptr"])
-    # The latent-major kernel tunes its d tile, its entry chunk and its warps; its row block
-    # is fixed (`SEGMENT_ROWS`): the sorted entries' block starts are computed for it. None
-    # of these spills registers on sm_90 in bf16 (benchmarks/kernel_resources.py).
+    # The latent-major kernel tunes its row block, d tile, entry chunk and warps. Smaller
+    # row blocks waste less of each tl.dot and use fewer registers, so more warps are
+    # resident to hide the gathers' latency (R=16: 24-40 warps per SM on sm_90 in bf16,
+    # R=64: 8-20; benchmarks/kernel_resources.py); larger ones write wider tiles.
     _segment_outer_tuned = triton.autotune(
         [
-            triton.Config({"BLOCK_D": block_d, "BLOCK_E": block_e}, num_warps=warps)
-            for block_d, block_e, warps in (
-                ((16, 16, 1), (32, 16, 1))
+            triton.Config({"BLOCK_R": r, "BLOCK_D": block_d, "BLOCK_E": e}, num_warps=warps)
+            for r, block_d, e, warps in (
+                ((16, 16, 16, 1), (32, 32, 16, 1))
                 if _INTERPRETED
                 else (
-                    (64, 32, 4),
-                    (64, 64, 4),
-                    (128, 32, 4),
-                    (128, 64, 8),
-                    (256, 32, 8),
-                    (256, 64, 8),
+                    (16, 64, 32, 4),
+                    (16, 128, 32, 4),
+                    (16, 256, 32, 8),
+                    (32, 64, 32, 4),
+                    (32, 128, 32, 4),
+                    (32, 128, 64, 8),
+                    (64, 64, 32, 4),
+                    (64, 128, 64, 8),
                 )
             )
         ],
@@ -390,8 +393,6 @@ def compact_rows(indices: Tensor, num_rows: int) -> Compact | None:
 # ("decoder: latent-major is N x token-major") says it pays: session 2's first sorted
 # version, one program per (row, 128 columns) with no tl.dot, measured 2.3-3x slower.
 LATENT_MAJOR = False
-# Rows per program of the latent-major kernel (a tl.dot dimension: at least 16).
-SEGMENT_ROWS = 64
 
 
 class Segments(NamedTuple):
@@ -402,32 +403,22 @@ class Segments(NamedTuple):
     entries: Tensor
     """(B * k,) int64: where each sorted entry sits in the flattened (B, k) tensor."""
     starts: Tensor
-    """(blocks + 1,) int64: the first sorted entry of each block of `block` rows, then B * k."""
-    block: int
-    """Rows per block."""
-
-
-def _segment_rows(device: torch.device) -> int:
-    """Rows per block of the latent-major kernel: small under the interpreter (tests)."""
-    return 16 if device.type == "cpu" else SEGMENT_ROWS
+    """(num_rows + 1,) int64: the first sorted entry of each row, then B * k."""
 
 
 def segments_of(indices: Tensor, num_rows: int) -> Segments:
-    """`indices` (B, k) sorted by row, with the start of each block of rows. No host sync.
+    """`indices` (B, k) sorted by row, with where each row's entries start. No host sync.
 
     Kept on the tensor (like `plan_rows`' plan): the decoder's backward and the encoder's
     share one sort of the main latents a step.
     """
-    block = _segment_rows(indices.device)
     kept = getattr(indices, "segments", None)
-    if kept is not None and kept[0] == indices._version and kept[1] == (num_rows, block):
+    if kept is not None and kept[0] == indices._version and kept[1] == num_rows:
         return kept[2]
     rows, entries = indices.reshape(-1).sort()  # (B * k,)
-    # (blocks + 1,) bounds 0, block, ..., the last at or past num_rows (so it finds B * k)
-    bounds = torch.arange(0, num_rows + block, block, device=indices.device, dtype=rows.dtype)
-    starts = torch.searchsorted(rows, bounds)
-    segments = Segments(rows, entries, starts, block)
-    indices.segments = (indices._version, (num_rows, block), segments)
+    bounds = torch.arange(num_rows + 1, device=indices.device, dtype=rows.dtype)
+    segments = Segments(rows, entries, torch.searchsorted(rows, bounds))
+    indices.segments = (indices._version, num_rows, segments)
     return segments
 
 
@@ -469,13 +460,15 @@ def segment_outer(
     dots = torch.zeros(B, k, device=vectors.device) if table is not None else None
     interpreted = vectors.device.type == "cpu"
     fp32_on_gpu = vectors.dtype == torch.float32 and not interpreted and not torch.version.hip
-    grid = lambda meta: (len(segments.starts) - 1, triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
+
+    def grid(meta):
+        return triton.cdiv(num_rows, meta["BLOCK_R"]), triton.cdiv(d, meta["BLOCK_D"])
+
     _segment_outer_tuned[grid](
         coefs, segments.entries, segments.rows, segments.starts, vectors, out,
         vectors if table is None else table, out if dots is None else dots, num_rows, k, d,
         ACCUMULATE=accumulate, HAS_DOTS=table is not None,
         UPCAST=interpreted, PRECISION="tf32x3" if fp32_on_gpu else "ieee",
-        BLOCK_R=segments.block,
     )  # fmt: skip
     if out_bias is not None:
         out_bias.index_add_(0, indices.reshape(-1), coefs.reshape(-1).float())

@@ -471,15 +471,20 @@ def scatter_sum(values, indices, vectors, num_rows):
     return out.index_add_(0, indices.reshape(-1), rows.reshape(-1, vectors.shape[1]))
 
 
+@pytest.mark.parametrize("tile", [0, 1], ids=["first-tile", "second-tile"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_latent_major_sums_match_float64_scatters_and_dots(dtype):
-    # segment_outer alone: rows (written whole, or added to an fp32 tensor), the bias sums
-    # (added to what is there) and the dots <vectors[b], table[indices[b, j]]>, against
-    # fp64. Shapes cover a row block past num_rows (37 rows in blocks of 16), a d tile past
-    # d (17), k = 1, a latent repeated within a token, one picked by every token (more
-    # entries than an entry chunk, in one block), and rows nobody picks (zeros).
+def test_latent_major_sums_match_float64_scatters_and_dots(dtype, tile, monkeypatch):
+    # segment_outer alone, with each of the first two autotune tiles (interpreter: 16 and 32
+    # rows a block): rows (written whole, or added to an fp32 tensor), the bias sums (added
+    # to what is there) and the dots <vectors[b], table[indices[b, j]]>, against fp64.
+    # Shapes cover a row block past num_rows (37 rows), a d tile past d (17), k = 1, a
+    # latent repeated within a token, one picked by every token (more entries than an entry
+    # chunk, in one block), and rows nobody picks (zeros).
     if not TRITON_RUNS_HERE:
         pytest.skip("needs Triton (CUDA or the interpreter)")
+    tuner = sparse_ops._segment_outer_tuned
+    monkeypatch.setattr(tuner, "configs", [tuner.configs[tile]])
+    monkeypatch.setattr(tuner, "cache", {})
     previous = set_backend("triton")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(3)
