@@ -38,3 +38,8 @@ bench="python3 benchmarks/bench_kernels.py --rounds 5"
     echo "== the torch path on CUDA (embedding_bag gathers, cuSPARSE CSR scatter) for comparison"
     SAETRAIN_KERNELS=torch timeout 50 $bench --d-in 3072 --num-latents 24576 --dtypes bf16 --parts
 } 2>&1 | tee "$OUT/gpu_check.log"
+# The lines that decide defaults and report the targets, gathered at the end in run order.
+{
+    echo "== summary: decisions and targets (each block above, in order)"
+    grep -E "^== |passed|failed|x floor speed|no step beats|grouped is|fused is|latent-major is|faster than dense|decoder-norm step," "$OUT/gpu_check.log"
+} 2>&1 | tee -a "$OUT/gpu_check.log"
