@@ -58,9 +58,10 @@ SHAPES = {"32x64": (32, 64), "24x100": (24, 100)}
 
 @pytest.fixture(params=["torch", "triton", "triton-latent-major"])
 def device(request, monkeypatch):
-    """Run the test on one backend; yields the device its tensors go on. "triton-latent-major" is
-    the Triton backend with the weight-gradient rows summed latent-major
-    (sparse_ops.LATENT_MAJOR)."""
+    """Run the test on one backend; yields the device its tensors go on.
+
+    "triton-latent-major": the Triton backend with the weight-gradient rows summed
+    latent-major (sparse_ops.LATENT_MAJOR)."""
     triton = request.param != "torch"
     if triton and not TRITON_RUNS_HERE:
         pytest.skip("triton was imported before TRITON_INTERPRET=1: see the subprocess test")
