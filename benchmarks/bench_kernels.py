@@ -25,8 +25,9 @@ reused and speeds every row (both steps more than the floor).
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -83,24 +84,23 @@ def triton_runs(device: str) -> bool:
     return get_backend() != "torch" and (device == "cuda" or triton_interpreted())
 
 
-@contextlib.contextmanager
-def fused_encoder(fused: bool):
-    """Run the CUDA encoder fused (matmul + selection in one kernel) or not, then restore."""
-    previous, encode_module.FUSE_ON_CUDA = encode_module.FUSE_ON_CUDA, fused
-    try:
-        yield
-    finally:
-        encode_module.FUSE_ON_CUDA = previous
+# Context managers that set a kernel switch and restore it: fused_encoder(True) runs the
+# CUDA encoder as one matmul + selection kernel; latent_major(True) sums the Triton path's
+# weight-gradient rows latent-major.
+fused_encoder = functools.partial(mock.patch.object, encode_module, "FUSE_ON_CUDA")
+latent_major = functools.partial(mock.patch.object, sparse_ops, "LATENT_MAJOR")
 
 
-@contextlib.contextmanager
-def latent_major(on: bool):
-    """Sum the Triton path's weight-gradient rows latent-major or token-major, then restore."""
-    previous, sparse_ops.LATENT_MAJOR = sparse_ops.LATENT_MAJOR, on
-    try:
-        yield
-    finally:
-        sparse_ops.LATENT_MAJOR = previous
+@torch.no_grad()
+def project_torch_(W_dec: torch.Tensor, grad: torch.Tensor) -> None:
+    """The decoder-gradient projection as plain torch ops, in place (the dense baseline)."""
+    grad -= (grad * W_dec).sum(1, keepdim=True) * W_dec
+
+
+@torch.no_grad()
+def normalize_torch_(W_dec: torch.Tensor) -> None:
+    """The row renormalisation as plain torch ops, in place (the dense baseline)."""
+    W_dec /= W_dec.norm(dim=1, keepdim=True) + torch.finfo(W_dec.dtype).eps
 
 
 def kernel_step(p, x, k, dead_mask, k_aux):
@@ -144,15 +144,13 @@ def make_train_step(
         if sparse_norm:
             project_decoder_grad_(W_dec, W_dec.grad)
         else:
-            with torch.no_grad():
-                W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
+            project_torch_(W_dec, W_dec.grad)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if sparse_norm:
             normalize_decoder_(W_dec)
         else:
-            with torch.no_grad():
-                W_dec /= W_dec.norm(dim=1, keepdim=True) + torch.finfo(W_dec.dtype).eps
+            normalize_torch_(W_dec)
 
     return step
 
@@ -396,10 +394,9 @@ def bench_parts(args, dtype_name: str) -> None:
         project_decoder_grad_(W_norm, G_norm)
         normalize_decoder_(W_norm)
 
-    @torch.no_grad()
     def norm_torch():
-        G_norm.sub_((G_norm * W_norm).sum(1, keepdim=True) * W_norm)
-        W_norm.div_(W_norm.norm(dim=1, keepdim=True) + torch.finfo(W_norm.dtype).eps)
+        project_torch_(W_norm, G_norm)
+        normalize_torch_(W_norm)
 
     def topk_torch():
         pre.topk(k, dim=-1)
@@ -528,9 +525,7 @@ def main() -> None:
 
 
 def print_tiles() -> None:
-    """The tiles the autotuner chose for the gathers and the scatter, per (k, d, dtypes)."""
-    from saetrain.kernels import sparse_ops
-
+    """The tiles the autotuner chose for the gathers and the scatters, per (k, d, dtypes)."""
     for name in (
         "_gather_combine_tuned",
         "_gather_dot_tuned",
