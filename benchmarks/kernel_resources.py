@@ -110,11 +110,8 @@ def norm_cases(quick: bool):
     sig |= {n: "constexpr" for n in flags}
     cases = []
     widths = (3072,) if quick else (576, 3072, 8192, 16384)
-    for d in widths:  # the tiles decoder_norm._run picks for this width
-        one = d <= decoder_norm.ONE_SWEEP_MAX_D
-        block_d = sparse_ops._pow2(d, 16, 1 << 30) if one else 256
-        block_r = max(1, 4096 // block_d)
-        warps = 8 if block_r * block_d >= 4096 else 4
+    for d in widths:  # the tiles decoder_norm._run picks for this width on a GPU
+        one, block_r, block_d, warps = decoder_norm._tiles(d, interpreted=False)
         consts = dict(zip(flags, (True, True, one, block_r, block_d), strict=True))
         cases.append((f"decoder_norm d={d}", decoder_norm._decoder_norm_kernel, sig, consts, warps))
     return cases

@@ -115,6 +115,15 @@ def _check(name: str, W_dec: Tensor, grad: Tensor | None) -> None:
             raise ValueError(f"{name}: {what} must be contiguous to be updated in place.")
 
 
+def _tiles(D: int, interpreted: bool) -> tuple[bool, int, int, int]:
+    """(ONE_SWEEP, BLOCK_R, BLOCK_D, num_warps) of the Triton kernel for rows D wide."""
+    one_sweep = D <= ONE_SWEEP_MAX_D
+    # Two sweeps: 256-wide tiles; 16 under the interpreter, so tests walk several.
+    BLOCK_D = _pow2(D, 16, 1 << 30) if one_sweep else 16 if interpreted else 256
+    BLOCK_R = max(1, 4096 // BLOCK_D)
+    return one_sweep, BLOCK_R, BLOCK_D, 8 if BLOCK_R * BLOCK_D >= 4096 else 4
+
+
 @torch.no_grad()
 def _run(W_dec: Tensor, grad: Tensor | None, project: bool, normalize: bool) -> None:
     N, D = W_dec.shape
@@ -122,14 +131,11 @@ def _run(W_dec: Tensor, grad: Tensor | None, project: bool, normalize: bool) -> 
     if N == 0:
         return
     if use_triton(W_dec.device):
-        one_sweep = D <= ONE_SWEEP_MAX_D
-        # Two sweeps: 256-wide tiles; 16 under the interpreter, so tests walk several.
-        BLOCK_D = _pow2(D, 16, 1 << 30) if one_sweep else 16 if W_dec.device.type == "cpu" else 256
-        BLOCK_R = max(1, 4096 // BLOCK_D)
+        one_sweep, BLOCK_R, BLOCK_D, num_warps = _tiles(D, W_dec.device.type == "cpu")
         _decoder_norm_kernel[(triton.cdiv(N, BLOCK_R),)](
             W_dec, grad if project else W_dec, N, D, eps,
             PROJECT=project, NORMALIZE=normalize, ONE_SWEEP=one_sweep,
-            BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=8 if BLOCK_R * BLOCK_D >= 4096 else 4,
+            BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,
         )  # fmt: skip
         return
     # torch path, in fp32, ROWS rows at a time so the temporaries stay in cache (2.5x faster
