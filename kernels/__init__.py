@@ -10,6 +10,9 @@ these kernels a training step costs about one dense matmul, the encoder's forwar
     ...; loss.backward(); project_decoder_grad_(W_dec, W_dec.grad)
     optimizer.step(); normalize_decoder_(W_dec)
 
+or, for the decoder, the three in one pass: `decoder_adam_step_` (what `saetrain.optim.
+DecoderNormAdam` runs where the Triton kernels do).
+
 Backend: Triton on CUDA tensors, the fastest torch path elsewhere, chosen at import;
 override with SAETRAIN_KERNELS=auto|triton|torch or `set_backend`.
 
@@ -22,6 +25,8 @@ ids, which fix the AuxK shapes.
 from ._backend import get_backend, set_backend
 from .decode import DecodeFunction, decode, decode_pair, decode_reference
 from .decoder_norm import (
+    decoder_adam_step_,
+    decoder_adam_step_reference,
     decoder_norm_step,
     normalize_decoder_,
     normalize_decoder_reference,
@@ -37,6 +42,8 @@ __all__ = [
     "decode",
     "decode_pair",
     "decode_reference",
+    "decoder_adam_step_",
+    "decoder_adam_step_reference",
     "decoder_norm_step",
     "encode_topk",
     "encode_topk_reference",

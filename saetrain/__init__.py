@@ -4,9 +4,18 @@ The SAE is a plain ``nn.Module`` (:class:`SAE`); Lightning is only needed for tr
 (:class:`SAEModule`, :class:`ActivationDataModule`, ``python -m saetrain fit``).
 """
 
+from .optim import DecoderNormAdam
 from .sae import SAE, ForwardOutput, SAEConfig, load_sae
 
-__all__ = ["SAE", "SAEConfig", "ForwardOutput", "load_sae", "SAEModule", "ActivationDataModule"]
+__all__ = [
+    "SAE",
+    "SAEConfig",
+    "ForwardOutput",
+    "load_sae",
+    "DecoderNormAdam",
+    "SAEModule",
+    "ActivationDataModule",
+]
 
 
 def __getattr__(name: str):

@@ -6,8 +6,9 @@ batches (B, n_hookpoints, d_in)) and/or ``model.sae_variants`` (other sizes or k
 all of them (issue #3). Each SAE's loss = FVU + auxk_coef * AuxK; the losses are summed, which
 leaves each SAE's gradients exactly what they would be alone. Adam with linear warm-up and a
 decay to zero, one parameter group per SAE; the decoder's rows stay unit-norm (gradient
-projected before each step, rows renormalised after). Dead-latent counters are buffers, so
-they are saved in and restored from checkpoints.
+projected before each step, rows renormalised after: :class:`~saetrain.optim.DecoderNormAdam`,
+one pass with Adam's update on CUDA). Dead-latent counters are buffers, so they are saved in
+and restored from checkpoints.
 
 Under ``--trainer.strategy fsdp2`` (Lightning's ModelParallelStrategy) :meth:`configure_model`
 shards each SAE with FSDP2's ``fully_shard`` over the data-parallel ranks, by whole rows: between
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.regression import ExplainedVariance
 
+from .optim import DecoderNormAdam
 from .sae import SAE, SAEConfig
 
 
@@ -407,14 +409,11 @@ class SAEModule(L.LightningModule):
             np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        for t in self.trained:
-            t.sae.remove_parallel_grad()
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        # Here rather than in on_train_batch_end: callbacks (checkpointing) run before that hook.
-        for t in self.trained:
-            t.sae.normalize_decoder()
+        # Lightning clips gradients after this hook: when it clips, the decoder gradients are
+        # projected here, so the norm is the projected gradients' (see configure_optimizers).
+        if not getattr(optimizer, "project_decoders", True):
+            for t in self.trained:
+                t.sae.remove_parallel_grad()
 
     # ---------------------------------------------------------------- validation
 
@@ -447,13 +446,20 @@ class SAEModule(L.LightningModule):
 
     def configure_optimizers(self):
         # One Adam, one parameter group per SAE with its own learning rate; Adam's update is
-        # per tensor, so each SAE steps exactly as it would alone.
+        # per tensor, so each SAE steps exactly as it would alone. The optimizer also takes
+        # the decoder-norm step: the gradient's projection (here in on_before_optimizer_step
+        # when Lightning clips gradient norms) and the renormalisation after Adam's update.
         groups = [{"params": list(t.sae.parameters()), "lr": t.lr} for t in self.trained]
         # The fused kernel: on this 2-core CPU 48 ms against 209 ms for the default loop over
         # 2 x 16,384 x 576 parameters (a third of a training step); CUDA and CPU support it.
         fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
-        opt = torch.optim.Adam(
-            groups, betas=tuple(self.hparams.betas), eps=self.hparams.eps, fused=fused or None
+        opt = DecoderNormAdam(
+            groups,
+            decoders=[t.sae.W_dec for t in self.trained],
+            project_decoders=not self.trainer.gradient_clip_val,
+            betas=tuple(self.hparams.betas),
+            eps=self.hparams.eps,
+            fused=fused or None,
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         hp = self.hparams

@@ -31,6 +31,8 @@ from saetrain.kernels import (  # noqa: E402
     decode,
     decode_pair,
     decode_reference,
+    decoder_adam_step_,
+    decoder_adam_step_reference,
     decoder_norm_step,
     encode_topk,
     encode_topk_reference,
@@ -47,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
 import saetrain.sae as sae_module  # noqa: E402
+from saetrain.optim import DecoderNormAdam  # noqa: E402
 from saetrain.sae import SAE, SAEConfig  # noqa: E402
 
 TRITON_RUNS_HERE = HAS_TRITON and (torch.cuda.is_available() or triton_interpreted())
@@ -406,6 +409,49 @@ def test_decoder_norm_step_projects_the_gradient_and_renormalises_rows(
     assert (g.float() * W.float()).sum(1).abs().max() < (1e-4 if dtype == torch.float32 else 0.1)
 
 
+@pytest.mark.parametrize("sweeps", ["one-sweep", "two-sweeps"])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_decoder_adam_step_is_projection_then_adam_then_renormalisation(
+    device, dtype, shape, sweeps, monkeypatch
+):
+    # Three steps of the one-pass update against its reference, and (fp32) against the three
+    # ops it fuses: the projection, torch's Adam with weight decay, the renormalisation.
+    if sweeps == "two-sweeps":  # Triton: the 4-tensor kernel holds rows up to half as wide
+        monkeypatch.setattr(decoder_norm_module, "ONE_SWEEP_MAX_D", 8)
+    d_in, num_latents = shape
+    gen = torch.Generator().manual_seed(9)
+    W0 = F.normalize(torch.randn(num_latents, d_in, generator=gen), dim=1)
+    grads = [torch.randn(num_latents, d_in, generator=gen) for _ in range(3)]
+    hyper = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+
+    W = W0.to(device, dtype, copy=True)
+    m, v = torch.zeros_like(W), torch.zeros_like(W)
+    step = torch.zeros((), device=device)
+    for i, g in enumerate(grads, start=1):  # each step from the same state as the reference
+        g = g.to(device, dtype)
+        before = g.clone()
+        expected = decoder_adam_step_reference(W, g, m, v, i, **hyper)
+        assert decoder_adam_step_(W, g, m, v, step, **hyper) is W
+        assert torch.equal(g, before)  # the gradient is read, not projected in place
+        for got, want in zip((W, m, v), expected, strict=True):
+            close(got, want, dtype)
+    assert step.item() == 3
+    close(W.float().norm(dim=1), torch.ones(num_latents, device=device), dtype)
+
+    if dtype == torch.float32:
+        p = torch.nn.Parameter(W0.clone())
+        adam = torch.optim.Adam([p], **hyper)
+        for g in grads:
+            p.grad = g.clone()
+            project_decoder_grad_(p.detach(), p.grad)
+            adam.step()
+            normalize_decoder_(p.detach())
+        close(W.cpu(), p.detach(), dtype)
+        close(m.cpu(), adam.state[p]["exp_avg"], dtype)
+        close(v.cpu(), adam.state[p]["exp_avg_sq"], dtype)
+
+
 def test_decoder_norm_functions_update_a_parameter_in_place():
     W_dec = torch.nn.Parameter(torch.randn(8, 4))
     W_dec.grad = torch.randn(8, 4)
@@ -441,6 +487,12 @@ def test_host_wrappers_reject_bad_inputs_with_a_clear_message():
         encode_topk(torch.randn(3, 5), W, b, 2)
     with pytest.raises(ValueError, match="grad"):
         project_decoder_grad_(W, torch.randn(10, 5))
+    m, step = torch.zeros(10, 4), torch.zeros(())
+    with pytest.raises(ValueError, match="exp_avg_sq \\(10, 5\\).*shaped like W_dec"):
+        decoder_adam_step_(W, W, m, torch.zeros(10, 5), step, lr=1e-3)
+    with pytest.raises(ValueError, match="step must be Adam's one-element float step count"):
+        decoder_adam_step_(W, W, m, m.clone(), torch.zeros((), dtype=torch.int64), lr=1e-3)
+    assert step.item() == 0  # nothing was stepped
 
 
 def test_backend_is_chosen_by_name_and_rejects_unknown_names():
@@ -592,11 +644,14 @@ def test_a_training_step_on_the_triton_path_waits_for_the_device_once(device, de
     sae.init_from_data(x)
     dead_mask = torch.arange(64, device=device) < dead
 
+    # The optimizer SAEModule uses: on this backend the decoder's step is one Triton pass.
+    opt = DecoderNormAdam(sae.parameters(), decoders=[sae.W_dec], lr=1e-3, fused=True)
+
     def step():
         out = sae(x, dead_mask)
         (out.fvu + out.auxk_loss).backward()
-        sae.remove_parallel_grad()
-        sae.normalize_decoder()
+        opt.step()
+        opt.zero_grad()
 
     step()  # on CUDA the first call autotunes the kernels' tiles (its timer reads back)
     with HostSyncs() as syncs:
@@ -627,16 +682,23 @@ REFERENCE_KERNELS = SimpleNamespace(
 )
 
 
-def train_steps(sae, batches, dead_mask):
-    """Adam steps as SAEModule takes them: FVU + AuxK, projection, step, renormalisation."""
-    opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
+def train_steps(sae, batches, dead_mask, optimizer="DecoderNormAdam"):
+    """Adam steps as SAEModule takes them: FVU + AuxK, projection, step, renormalisation;
+    with SAEModule's optimizer (on the Triton backends the decoder's step is one pass), or
+    with torch's Adam between the SAE's own decoder-norm calls."""
+    if optimizer == "DecoderNormAdam":
+        opt = DecoderNormAdam(sae.parameters(), decoders=[sae.W_dec], lr=3e-3)
+    else:
+        opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
     for x in batches:
         out = sae(x, dead_mask)
         (out.fvu + sae.cfg.auxk_coef * out.auxk_loss).backward()
-        sae.remove_parallel_grad()
+        if optimizer != "DecoderNormAdam":
+            sae.remove_parallel_grad()
         opt.step()
         opt.zero_grad()
-        sae.normalize_decoder()
+        if optimizer != "DecoderNormAdam":
+            sae.normalize_decoder()
     return sae
 
 
@@ -661,7 +723,7 @@ def test_a_training_step_with_the_kernels_equals_one_with_the_references(
         copy.deepcopy(sae).to(device), [x.to(device) for x in batches], dead_mask.to(device)
     )
     monkeypatch.setattr(sae_module, "kernels", REFERENCE_KERNELS)
-    reference = train_steps(copy.deepcopy(sae), batches, dead_mask)
+    reference = train_steps(copy.deepcopy(sae), batches, dead_mask, optimizer="Adam")
     for name, value in reference.state_dict().items():
         close(ours.state_dict()[name].cpu(), value, torch.float32)
     assert not torch.equal(reference.W_enc, sae.W_enc)  # the steps did move the weights
