@@ -11,7 +11,8 @@ Rows per dtype (fp32, and bf16 autocast with fp32 parameters):
 - fused Adam alone: the optimizer step on the SAE's parameters, which no step avoids either
   (the last line gives the best ratio to the floor a step could reach: matmul + Adam);
 - dense: a plain autograd step (topk on F.linear, x_hat = dense latents @ W_dec);
-- kernels: the same step with saetrain.kernels (encode_topk, decode, decoder-norm step).
+- kernels: the same step with saetrain.kernels (encode_topk, decode) and SAEModule's
+  optimizer, DecoderNormAdam (one pass for the decoder where Triton runs).
 A step is: forward, FVU + AuxK loss (dead latents drawn at --dead-fraction; k_aux =
 min(d_in // 2, dead count) as in sparsify), backward, decoder-gradient projection, fused
 Adam, row renormalisation. Rounds interleave the rows and the best round is kept, as other
@@ -44,6 +45,8 @@ from saetrain.kernels import encode as encode_module
 from saetrain.kernels import topk as topk_module
 from saetrain.kernels._backend import triton_interpreted
 from saetrain.kernels.topk import select_topk
+
+from saetrain.optim import DecoderNormAdam
 
 
 def make_sae(d_in: int, num_latents: int, device: str) -> dict[str, torch.nn.Parameter]:
@@ -141,15 +144,11 @@ def make_train_step(
         with latent_major(sparse_ops.LATENT_MAJOR if major is None else major):
             loss.backward()
         W_dec = p["W_dec"]
-        if sparse_norm:
-            project_decoder_grad_(W_dec, W_dec.grad)
-        else:
+        if not sparse_norm:
             project_torch_(W_dec, W_dec.grad)
-        opt.step()
+        opt.step()  # sparse_norm: DecoderNormAdam, which projects and renormalises
         opt.zero_grad(set_to_none=True)
-        if sparse_norm:
-            normalize_decoder_(W_dec)
-        else:
+        if not sparse_norm:
             normalize_torch_(W_dec)
 
     return step
@@ -220,7 +219,10 @@ def bench_steps(args, dtype_name: str) -> None:
         steps.append(("kernel step (latent-major)", unfused_kernel_step, True, True))
     for name, forward, sparse, major in steps:
         p = make_sae(d_in, N, args.device)
-        opt = torch.optim.Adam(p.values(), lr=1e-4, fused=True)
+        if sparse:
+            opt = DecoderNormAdam(p.values(), decoders=[p["W_dec"]], lr=1e-4, fused=True)
+        else:
+            opt = torch.optim.Adam(p.values(), lr=1e-4, fused=True)
         fns[name] = make_train_step(
             forward, p, opt, x, args.k, dead_mask, k_aux, autocast_dtype, sparse, major
         )
@@ -342,7 +344,9 @@ def bench_parts(args, dtype_name: str) -> None:
     backward (grads for the latent values and W_dec). Decoder-norm rows: the projection of
     an fp32 W_dec's gradient and the renormalisation of its rows, ours against torch ops,
     with the bandwidth their bytes (one read of W_dec and of its gradient, one write of each)
-    imply.
+    imply. Decoder optimizer rows: DecoderNormAdam's step on an fp32 W_dec alone, in one pass
+    (decoder_adam_step_) and as the three ops (projection, torch's fused Adam,
+    renormalisation), with the bandwidth of the bytes each moves.
     """
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
@@ -398,6 +402,13 @@ def bench_parts(args, dtype_name: str) -> None:
         project_torch_(W_norm, G_norm)
         normalize_torch_(W_norm)
 
+    decoder_steps = {}
+    for fuse in (True, False):
+        W_opt = make_sae(d_in, N, dev)["W_dec"]  # fp32, as the optimizer holds it
+        W_opt.grad = torch.randn_like(W_opt)
+        opt = DecoderNormAdam([W_opt], decoders=[W_opt], lr=1e-4, fused=True, fuse=fuse)
+        decoder_steps[fuse] = opt.step
+
     def topk_torch():
         pre.topk(k, dim=-1)
 
@@ -420,6 +431,8 @@ def bench_parts(args, dtype_name: str) -> None:
         fns["encoder fwd+bwd: latent-major"] = enc_ours(False, True)
     fns["decoder-norm step: ours"] = norm_ours
     fns["decoder-norm step: torch ops"] = norm_torch
+    fns["decoder optimizer step: one pass"] = decoder_steps[True]
+    fns["decoder optimizer step: 3 ops"] = decoder_steps[False]
     fns["decoder fwd+bwd: dense"] = dec_dense
     fns["decoder fwd+bwd: sparse"] = dec_ours()
     if triton_here:
@@ -442,6 +455,15 @@ def bench_parts(args, dtype_name: str) -> None:
     for name in ("ours", "torch ops"):
         t = times[f"decoder-norm step: {name}"]
         print(f"  decoder-norm step, {name}: {moved / t / 1e9:.0f} GB/s for one read and write")
+    # Bytes per fp32 parameter: one pass reads W, G, m, v and writes W, m, v (28); the three
+    # ops move 12 (projection: W, G read, G written), 28 (Adam), 8 (renormalisation).
+    one, three = times["decoder optimizer step: one pass"], times["decoder optimizer step: 3 ops"]
+    print(
+        f"  decoder optimizer step: one pass is {three / one:.2f}x the speed of the 3 ops "
+        f"({28 * W_norm.numel() / one / 1e9:.0f} against {48 * W_norm.numel() / three / 1e9:.0f}"
+        f" GB/s; optim.FUSE_WHERE_TRITON: one pass where Triton runs"
+        f"{', here' if triton_here else ', not here'})"
+    )
     if triton_here:  # the step rows decide sparse_ops.LATENT_MAJOR: it serves both parts
         default = "on" if sparse_ops.LATENT_MAJOR else "off"
         for part, token_major in (("decoder", "sparse"), ("encoder", "matmul+topk")):

@@ -13,10 +13,10 @@ A step is what each library's trainer does per batch, timed end to end on the sa
 batch of standard-normal activations:
 - floor: ``F.linear(x, W_enc, b_enc)`` under no_grad, the one dense matmul no Top-k step avoids;
 - saetrain: ``SAE.forward(x, dead_mask)``, loss = fvu + auxk_coef * auxk_loss, backward,
-  ``remove_parallel_grad``, Adam (betas (0.9, 0.999), eps 6.25e-10, lr ``default_lr``),
-  ``zero_grad``, ``normalize_decoder``, LR scheduler step, dead-latent counters updated, as
-  ``SAEModule.training_step`` + ``optimizer_step`` do (Lightning's own per-step bookkeeping and
-  metric logging are not timed);
+  ``DecoderNormAdam`` (gradient projection, Adam with betas (0.9, 0.999), eps 6.25e-10, lr
+  ``default_lr``, row renormalisation), ``zero_grad``, LR scheduler step, dead-latent counters
+  updated, as ``SAEModule.training_step`` + ``optimizer_step`` do (Lightning's own per-step
+  bookkeeping and metric logging are not timed);
 - SAELens: ``TopKTrainingSAE`` (its config defaults: rescale_acts_by_decoder_norm=True, dense
   Top-k activations, aux_loss_coefficient=1) stepped by its own ``SAETrainer.step(x)``:
   ``training_forward_pass`` (MSE + Top-k AuxK), backward, ``clip_grad_norm_(1.0)``, Adam,
@@ -80,7 +80,7 @@ from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig  # noq
 from sae_lens.training.sae_trainer import SAETrainer  # noqa: E402
 from saetrain.kernels import get_backend  # noqa: E402
 
-from saetrain import SAE, SAEConfig  # noqa: E402
+from saetrain import SAE, DecoderNormAdam, SAEConfig  # noqa: E402
 from saetrain.module import default_lr, lr_factor  # noqa: E402
 
 Step = Callable[[], torch.Tensor | None]  # returns the step's AuxK loss, if any
@@ -103,9 +103,10 @@ def saetrain_step(
     cfg = SAEConfig(d_in=d_in, num_latents=n, k=args.k, k_aux=d_in // 2, auxk_coef=AUXK_COEF)
     sae = SAE(cfg, device=x.device)
     sae.init_from_data(x)
-    opt = torch.optim.Adam(
-        sae.parameters(), lr=default_lr(n), betas=(0.9, 0.999), eps=6.25e-10, fused=True
-    )  # as SAEModule.configure_optimizers
+    opt = DecoderNormAdam(
+        sae.parameters(), decoders=[sae.W_dec], lr=default_lr(n), betas=(0.9, 0.999),
+        eps=6.25e-10, fused=True,
+    )  # as SAEModule.configure_optimizers  # fmt: skip
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(10**9, 100))
     since_fired = torch.zeros(n, dtype=torch.long, device=x.device)  # tokens since last fired
 
@@ -121,10 +122,8 @@ def saetrain_step(
             since_fired.add_(B)
             since_fired[fired] = 0
         loss.backward()
-        sae.remove_parallel_grad()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sae.normalize_decoder()
         sched.step()
         return out.auxk_loss.detach()
 

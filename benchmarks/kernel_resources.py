@@ -114,6 +114,16 @@ def norm_cases(quick: bool):
         one, block_r, block_d, warps = decoder_norm._tiles(d, interpreted=False)
         consts = dict(zip(flags, (True, True, one, block_r, block_d), strict=True))
         cases.append((f"decoder_norm d={d}", decoder_norm._decoder_norm_kernel, sig, consts, warps))
+    sig = {n: "*fp32" for n in ("w_ptr", "g_ptr", "m_ptr", "v_ptr", "scalars_ptr")}
+    sig |= {"N": "i32", "D": "i32"}
+    sig |= {n: "fp32" for n in ("beta1", "beta2", "eps", "weight_decay", "norm_eps")}
+    flags = ("PROJECT", "ONE_SWEEP", "BLOCK_R", "BLOCK_D")
+    sig |= {n: "constexpr" for n in flags}
+    for d in widths:  # the tiles decoder_adam_step_ picks (four row tiles in registers)
+        one, block_r, block_d, warps = decoder_norm._tiles(d, interpreted=False, tensors=4)
+        consts = dict(zip(flags, (True, one, block_r, block_d), strict=True))
+        label = f"decoder_adam d={d}"
+        cases.append((label, decoder_norm._decoder_adam_kernel, sig, consts, warps))
     return cases
 
 

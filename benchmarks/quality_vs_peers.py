@@ -143,16 +143,17 @@ class SaetrainRun:
     name = "saetrain"
 
     def __init__(self, d_in: int, args: argparse.Namespace, device: torch.device):
-        from saetrain import SAEConfig
+        from saetrain import DecoderNormAdam, SAEConfig
         from saetrain.module import DECAY_START, default_lr, lr_factor
 
         torch.manual_seed(args.seed)
         cfg = SAEConfig(d_in, args.num_latents, k=args.k, dead_tokens_threshold=args.dead_tokens)
         self.sae = SAE(cfg, device=device)
         self.lr = default_lr(cfg.num_latents)
-        self.opt = torch.optim.Adam(
-            self.sae.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True
-        )  # as SAEModule.configure_optimizers
+        self.opt = DecoderNormAdam(
+            self.sae.parameters(), decoders=[self.sae.W_dec], lr=self.lr, betas=(0.9, 0.999),
+            eps=6.25e-10, fused=True,
+        )  # as SAEModule.configure_optimizers  # fmt: skip
         total, warmup = args.steps, min(args.warmup, args.steps)
         factor = lr_factor(total, warmup)  # SAEModule.configure_optimizers' defaults
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
@@ -181,10 +182,8 @@ class SaetrainRun:
             self.since_fired += x.shape[0]
             self.since_fired[fired] = 0
         loss.backward()
-        sae.remove_parallel_grad()
-        self.opt.step()
+        self.opt.step()  # with the decoder-norm step
         self.opt.zero_grad(set_to_none=True)
-        sae.normalize_decoder()
         self.sched.step()
 
     def dead_count(self) -> int:

@@ -32,6 +32,10 @@ from .sae import _local
 FUSE_WHERE_TRITON = True
 
 
+def _is_zero(lr: float | Tensor) -> bool:
+    return lr == 0 if not isinstance(lr, Tensor) else lr.device.type == "cpu" and lr.item() == 0
+
+
 class DecoderNormAdam(torch.optim.Adam):
     """``torch.optim.Adam`` that also keeps the rows of each tensor in ``decoders`` unit-norm.
 
@@ -45,6 +49,9 @@ class DecoderNormAdam(torch.optim.Adam):
         fuse: One pass per decoder (:func:`~saetrain.kernels.decoder_adam_step_`) or the three
             ops; None: fused where the Triton kernels run (see ``FUSE_WHERE_TRITON``).
         **adam: Adam's keyword arguments. Decoders take neither ``amsgrad`` nor ``maximize``.
+
+    A step at lr 0 leaves every parameter as it is, decoders included (their rows are not
+    renormalised), as torch's Adam does: distributed checkpointing relies on it.
     """
 
     def __init__(
@@ -104,8 +111,14 @@ class DecoderNormAdam(torch.optim.Adam):
                 loss = closure()
         fused, separate = [], []
         for W in self.decoders:
-            if W.grad is not None and self._fused(_local(W)):
-                group, state = self._groups[id(W)], self._decoder_state(W)
+            group = self._groups[id(W)]
+            # Adam at lr 0 moves no parameter, and torch relies on that: distributed
+            # checkpointing builds an empty optimizer's state with such a step before it loads
+            # the saved one. The rows then keep their norm, so they are not renormalised
+            # (which would change the last bits of unit rows).
+            still = _is_zero(group["lr"])
+            if W.grad is not None and not still and self._fused(_local(W)):
+                state = self._decoder_state(W)
                 kernels.decoder_adam_step_(
                     _local(W), _local(W.grad), _local(state["exp_avg"]),
                     _local(state["exp_avg_sq"]), state["step"],
@@ -116,7 +129,8 @@ class DecoderNormAdam(torch.optim.Adam):
             else:
                 if W.grad is not None and self.project_decoders:
                     kernels.project_decoder_grad_(_local(W), _local(W.grad))
-                separate.append(W)
+                if not still:
+                    separate.append(W)
         # Adam steps the rest: the fused decoders' gradients are hidden from it meanwhile.
         grads = [W.grad for W in fused]
         for W in fused:

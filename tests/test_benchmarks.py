@@ -27,6 +27,7 @@ def test_bench_kernels_prints_every_row_at_tiny_sizes():
         "encoder fwd+bwd: matmul+topk",
         "decoder fwd+bwd: sparse",
         "decoder-norm step, ours",
+        "decoder optimizer step: one pass is",
         "top-k: grouped is",
     ):
         assert row in result.stdout, row

@@ -814,3 +814,27 @@ def test_kernels_at_a_training_batch_on_gpu(dtype, fused, major, monkeypatch):
         check_decode(acts, out.latent_indices, W_dec, dtype)
     finally:
         set_backend(previous)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("d_in", [3072, 16384], ids=["one-sweep", "two-sweeps"])
+def test_decoder_adam_step_at_training_width_on_gpu(d_in):
+    # The compiled kernel's tiles at real widths: 3072 in one 4096-wide masked tile, 16384 in
+    # three sweeps of 256-wide tiles; fp32 master weights and moments mid-training.
+    previous = set_backend("triton")
+    try:
+        gen = torch.Generator().manual_seed(0)
+        W = F.normalize(torch.randn(2048, d_in, generator=gen), dim=1).cuda()
+        g = (1e-3 * torch.randn(2048, d_in, generator=gen)).cuda()
+        m = (1e-3 * torch.randn(2048, d_in, generator=gen)).cuda()
+        v = (1e-6 * torch.rand(2048, d_in, generator=gen)).cuda()
+        step = torch.full((), 41.0, device="cuda")
+        hyper = dict(lr=2e-4, betas=(0.9, 0.999), eps=6.25e-10)
+        expected = decoder_adam_step_reference(W, g, m, v, 42, **hyper)
+        decoder_adam_step_(W, g, m, v, step, **hyper)
+        for got, want in zip((W, m, v), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert step.item() == 42
+    finally:
+        set_backend(previous)

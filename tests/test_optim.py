@@ -119,6 +119,23 @@ def test_project_decoders_false_leaves_the_projection_to_the_caller():
     close(neither.W_dec.detach().norm(dim=1), torch.ones(40))  # renormalised either way
 
 
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "separate"])
+def test_a_step_at_lr_zero_leaves_the_parameters_bit_for_bit(fuse):
+    # What torch.distributed.checkpoint does to build an empty optimizer's state before it
+    # loads a checkpoint's (under fsdp2): zero gradients, lr 0, step(). Renormalising the
+    # decoder's unit rows there would change their last bits, and resumes would not be exact.
+    sae = make_sae()
+    run(sae, DecoderNormAdam(sae.parameters(), decoders=[sae.W_dec], **HYPER), batches(1))
+    before = copy.deepcopy(sae.state_dict())
+    opt = DecoderNormAdam(sae.parameters(), decoders=[sae.W_dec], fuse=fuse, **HYPER)
+    loss_of(sae, batches(1, seed=3)[0]).backward()
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    opt.step()
+    assert all(torch.equal(sae.state_dict()[name], value) for name, value in before.items())
+    assert opt.state[sae.W_dec]["step"].item() == 1  # Adam's state was still built
+
+
 def test_bad_decoders_are_refused_with_a_clear_message():
     sae = make_sae()
     with pytest.raises(ValueError, match="a decoder is not among the optimized parameters"):
