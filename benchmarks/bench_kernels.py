@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from saetrain.kernels import (
     decode,
     decode_pair,
+    decoder_norm,
     encode_topk,
     get_backend,
     normalize_decoder_,
@@ -547,14 +548,16 @@ def main() -> None:
 
 
 def print_tiles() -> None:
-    """The tiles the autotuner chose for the gathers and the scatters, per (k, d, dtypes)."""
-    for name in (
-        "_gather_combine_tuned",
-        "_gather_dot_tuned",
-        "_scatter_outer_tuned",
-        "_segment_outer_tuned",
+    """The tiles the autotuner chose for the gathers, the scatters and the decoder's optimizer
+    step, per key (sizes, dtypes)."""
+    for module, name in (
+        (sparse_ops, "_gather_combine_tuned"),
+        (sparse_ops, "_gather_dot_tuned"),
+        (sparse_ops, "_scatter_outer_tuned"),
+        (sparse_ops, "_segment_outer_tuned"),
+        (decoder_norm, "_decoder_adam_tuned"),
     ):
-        tuner = getattr(sparse_ops, name, None)
+        tuner = getattr(module, name, None)
         for key, config in getattr(tuner, "cache", {}).items():
             print(f"  autotuned {name.strip('_')[:-6]} {key}: {config}")
 

@@ -120,10 +120,13 @@ def norm_cases(quick: bool):
     flags = ("PROJECT", "ONE_SWEEP", "BLOCK_R", "BLOCK_D")
     sig |= {n: "constexpr" for n in flags}
     for d in widths:  # the tiles decoder_adam_step_ picks (four row tiles in registers)
-        one, block_r, block_d, warps = decoder_norm._tiles(d, interpreted=False, tensors=4)
+        one, block_r, block_d, _ = decoder_norm._tiles(d, interpreted=False, tensors=4)
         consts = dict(zip(flags, (True, one, block_r, block_d), strict=True))
-        label = f"decoder_adam d={d}"
-        cases.append((label, decoder_norm._decoder_adam_kernel, sig, consts, warps))
+        tuned = decoder_norm._decoder_adam_tuned.configs
+        for config in tuned[:1] if quick else tuned:  # the autotuned warps
+            label = f"decoder_adam d={d}"
+            kernel = decoder_norm._decoder_adam_kernel
+            cases.append((label, kernel, sig, consts, config.num_warps))
     return cases
 
 

@@ -158,6 +158,22 @@ if HAS_TRITON:
                 tl.store(w_ptr + offs, (w * scale[:, None]).to(w_ptr.dtype.element_ty), mask=mask)
 
 
+if HAS_TRITON:
+    from .sparse_ops import _INTERPRETED, _host_bench
+
+    # Warps per program, autotuned on the first call for each width: the row tiles hold as
+    # many values either way (registers bound them: 96 per thread at 8 warps and d_in 3072
+    # on sm_90, 62 at 16), and more warps hide more of the row reductions' latency. Trials
+    # step the tensors in place: they are put back after each. The interpreter (CI) tries
+    # two, so the restoring is tested too.
+    _decoder_adam_tuned = triton.autotune(
+        [triton.Config({}, num_warps=w) for w in ((1, 2) if _INTERPRETED else (8, 16))],
+        key=["D", "BLOCK_R", "BLOCK_D", "PROJECT"],
+        restore_value=["w_ptr", "m_ptr", "v_ptr"],
+        do_bench=_host_bench if _INTERPRETED else None,
+    )(_decoder_adam_kernel)
+
+
 def project_decoder_grad_reference(W_dec: Tensor, grad: Tensor) -> Tensor:
     """grad - (<grad, w> / |w|^2) w for each row w of W_dec, in fp32. (num_latents, d_in)."""
     W, g = W_dec.float(), grad.float()
@@ -330,12 +346,11 @@ def decoder_adam_step_(
     if N == 0:
         return W_dec
     if use_triton(W_dec.device):
-        one_sweep, BLOCK_R, BLOCK_D, num_warps = _tiles(D, W_dec.device.type == "cpu", 4)
-        _decoder_adam_kernel[(triton.cdiv(N, BLOCK_R),)](
+        one_sweep, BLOCK_R, BLOCK_D, _ = _tiles(D, W_dec.device.type == "cpu", 4)
+        _decoder_adam_tuned[(triton.cdiv(N, BLOCK_R),)](
             W_dec, grad, exp_avg, exp_avg_sq, scalars, N, D,
             beta1, beta2, eps, weight_decay, norm_eps,
-            PROJECT=project, ONE_SWEEP=one_sweep,
-            BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,
+            PROJECT=project, ONE_SWEEP=one_sweep, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
         )  # fmt: skip
         return W_dec
     step_size, rsqrt_bias2 = scalars[0], scalars[1]
