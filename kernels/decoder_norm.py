@@ -35,6 +35,14 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _tile(N, D, d0, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Offsets and mask of this program's (BLOCK_R, BLOCK_D) tile of rows, from column d0."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+        cols = d0 + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+        offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        return offs, (rows < N)[:, None] & (cols < D)[None, :]
+
+    @triton.jit
     def _decoder_norm_kernel(
         w_ptr, g_ptr, N, D, eps,
         PROJECT: tl.constexpr, NORMALIZE: tl.constexpr, ONE_SWEEP: tl.constexpr,
@@ -43,12 +51,8 @@ if HAS_TRITON:
         # One program per BLOCK_R rows. ONE_SWEEP (the rows fit one tile, BLOCK_D >= D): read
         # them once and keep them in registers for the write. Otherwise one sweep for |w|^2
         # and <g, w>, and a second that reads the rows again to write them.
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
-        mask_r = rows < N
-        rows = rows.to(tl.int64)
         if ONE_SWEEP:
-            offs = rows[:, None] * D + tl.arange(0, BLOCK_D)[None, :]  # (BLOCK_R, BLOCK_D)
-            mask = mask_r[:, None] & (tl.arange(0, BLOCK_D) < D)[None, :]
+            offs, mask = _tile(N, D, 0, BLOCK_R, BLOCK_D)  # (BLOCK_R, BLOCK_D)
             w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             sq = tl.sum(w * w, axis=1)  # (BLOCK_R,)
             if PROJECT:
@@ -63,8 +67,7 @@ if HAS_TRITON:
             sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
             dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
-                offs = rows[:, None] * D + (d0 + tl.arange(0, BLOCK_D))[None, :]
-                mask = mask_r[:, None] & ((d0 + tl.arange(0, BLOCK_D)) < D)[None, :]
+                offs, mask = _tile(N, D, d0, BLOCK_R, BLOCK_D)
                 w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 sq += tl.sum(w * w, axis=1)
                 if PROJECT:
@@ -73,8 +76,7 @@ if HAS_TRITON:
             coef = dot / tl.maximum(sq, 1.1754943508222875e-38)  # <g, w> / |w|^2
             scale = 1.0 / (tl.sqrt(sq) + eps)
             for d0 in range(0, D, BLOCK_D):
-                offs = rows[:, None] * D + (d0 + tl.arange(0, BLOCK_D))[None, :]
-                mask = mask_r[:, None] & ((d0 + tl.arange(0, BLOCK_D)) < D)[None, :]
+                offs, mask = _tile(N, D, d0, BLOCK_R, BLOCK_D)
                 w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 if PROJECT:
                     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -98,12 +100,8 @@ if HAS_TRITON:
         # stepped row while it sums the new row's |w|^2, and a sweep that rescales the row.
         step_size = tl.load(scalars_ptr)  # lr / (1 - beta1^step)
         rsqrt_bc2 = tl.load(scalars_ptr + 1)  # 1 / sqrt(1 - beta2^step)
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
-        mask_r = rows < N
-        rows = rows.to(tl.int64)
         if ONE_SWEEP:
-            offs = rows[:, None] * D + tl.arange(0, BLOCK_D)[None, :]  # (BLOCK_R, BLOCK_D)
-            mask = mask_r[:, None] & (tl.arange(0, BLOCK_D) < D)[None, :]
+            offs, mask = _tile(N, D, 0, BLOCK_R, BLOCK_D)  # (BLOCK_R, BLOCK_D)
             w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -126,8 +124,7 @@ if HAS_TRITON:
                 sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
                 dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
                 for d0 in range(0, D, BLOCK_D):
-                    offs = rows[:, None] * D + (d0 + tl.arange(0, BLOCK_D))[None, :]
-                    mask = mask_r[:, None] & ((d0 + tl.arange(0, BLOCK_D)) < D)[None, :]
+                    offs, mask = _tile(N, D, d0, BLOCK_R, BLOCK_D)
                     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                     sq += tl.sum(w * w, axis=1)
@@ -135,8 +132,7 @@ if HAS_TRITON:
                 coef = dot / tl.maximum(sq, 1.1754943508222875e-38)  # <g, w> / |w|^2
             sq_new = tl.zeros((BLOCK_R,), dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
-                offs = rows[:, None] * D + (d0 + tl.arange(0, BLOCK_D))[None, :]
-                mask = mask_r[:, None] & ((d0 + tl.arange(0, BLOCK_D)) < D)[None, :]
+                offs, mask = _tile(N, D, d0, BLOCK_R, BLOCK_D)
                 w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -152,8 +148,7 @@ if HAS_TRITON:
                 tl.store(w_ptr + offs, w, mask=mask)
             scale = 1.0 / (tl.sqrt(sq_new) + norm_eps)
             for d0 in range(0, D, BLOCK_D):
-                offs = rows[:, None] * D + (d0 + tl.arange(0, BLOCK_D))[None, :]
-                mask = mask_r[:, None] & ((d0 + tl.arange(0, BLOCK_D)) < D)[None, :]
+                offs, mask = _tile(N, D, d0, BLOCK_R, BLOCK_D)
                 w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 tl.store(w_ptr + offs, (w * scale[:, None]).to(w_ptr.dtype.element_ty), mask=mask)
 
