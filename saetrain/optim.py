@@ -82,7 +82,6 @@ class DecoderNormAdam(torch.optim.Adam):
                     "DecoderNormAdam: the decoder-norm step supports neither amsgrad nor "
                     "maximize; turn them off for the group that holds W_dec."
                 )
-        self._groups = {id(W): owned[id(W)] for W in self.decoders}
         # GradScaler (fp16) then checks for infs itself and skips step() when it finds one;
         # the fused decoder pass does not read Adam's found_inf.
         self._step_supports_amp_scaling = False
@@ -110,8 +109,11 @@ class DecoderNormAdam(torch.optim.Adam):
             with torch.enable_grad():
                 loss = closure()
         fused, separate = [], []
+        # Looked up each step: load_state_dict replaces the group dicts (and a scheduler then
+        # sets the learning rates in the new ones).
+        groups = {id(p): g for g in self.param_groups for p in g["params"]}
         for W in self.decoders:
-            group = self._groups[id(W)]
+            group = groups[id(W)]
             # Adam at lr 0 moves no parameter, and torch relies on that: distributed
             # checkpointing builds an empty optimizer's state with such a step before it loads
             # the saved one. The rows then keep their norm, so they are not renormalised

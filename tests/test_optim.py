@@ -92,6 +92,7 @@ def test_state_dicts_move_between_fused_separate_and_torch_adam():
         else:
             o = DecoderNormAdam(s.parameters(), decoders=[s.W_dec], fuse=kind == "fused", **HYPER)
         o.load_state_dict(copy.deepcopy(state))  # loading keeps its step tensors
+        o.param_groups[0]["lr"] = 0.02  # in the loaded groups, as a scheduler sets it
         run(s, o, batches(1, seed=2), project_first=kind == "torch")
         if kind == "torch":
             s.normalize_decoder()
