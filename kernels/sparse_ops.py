@@ -396,7 +396,8 @@ LATENT_MAJOR = False
 
 
 class Segments(NamedTuple):
-    """A (B, k) index tensor's entries sorted by row, for the latent-major kernel."""
+    """A (B, k) index tensor's entries sorted by row: for the latent-major kernel, and as
+    the CSR layout of the torch path's scatters."""
 
     rows: Tensor
     """(B * k,) the entries' rows, ascending."""
@@ -606,10 +607,9 @@ def scatter_outer(
         return out
     flat = indices.reshape(-1)  # (B * k,)
     if not triton_path:
-        # CSR matrix (num_rows, B): row r holds the coefs of the tokens that picked r.
-        rows, order = flat.sort()
-        starts = torch.zeros(num_rows + 1, dtype=torch.int64, device=vectors.device)
-        starts[1:] = torch.bincount(rows, minlength=num_rows).cumsum(0)
+        # CSR matrix (num_rows, B): row r holds the coefs of the tokens that picked r. The
+        # sort is kept on `indices`, so the decoder's and the encoder's backward share it.
+        order, starts = segments_of(indices, num_rows)[1:]
         values = coefs.reshape(-1)[order].float()
         with warnings.catch_warnings():  # "sparse CSR support is in beta": we rely on mm only
             warnings.simplefilter("ignore", UserWarning)

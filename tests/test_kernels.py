@@ -368,7 +368,9 @@ def test_encode_dense_aux_path_over_few_dead_latents_matches_the_reference(monke
 
 def test_grouped_cpu_topk_picks_the_same_entries_as_torch_topk():
     pre_acts = torch.randn(33, 2048, generator=torch.Generator().manual_seed(5))
-    for k in (1, 2, 32):  # groups twice for k <= 2, once up to k = 2048 / (4 * 16) = 32
+    # Groups of 16 below k = 16, else of 8: twice for k = 1 and 2 (2048 -> 128 -> 8 maxima),
+    # once for k = 8 (-> 128) and for k = 16 up to 2048 / (4 * 8) = 64 (-> 256); not at 65.
+    for k in (1, 2, 8, 16, 32, 64, 65):
         values, indices = select_topk(pre_acts, k)
         expected = pre_acts.topk(k, dim=1)
         assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
