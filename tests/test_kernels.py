@@ -366,6 +366,28 @@ def test_encode_dense_aux_path_over_few_dead_latents_matches_the_reference(monke
         set_backend(previous)
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["mkl-packed", "addmm"])
+def test_cpu_encoder_chunks_rows_and_matches_the_reference(packed, monkeypatch):
+    # The torch path multiplies and selects chunk by chunk: with MKL's packed weight (W_enc
+    # packed once, a new output per chunk) or addmm into one buffer. 45 rows in chunks of 16:
+    # three chunks, the last one short; aux among 12 dead latents (fewer than half: their
+    # columns only) and among 60 (the masked whole row).
+    if packed and not encode_module.MKL_PACKED:
+        pytest.skip("torch built without MKL")
+    monkeypatch.setattr(encode_module, "MKL_PACKED", packed)
+    monkeypatch.setattr(encode_module, "PACKED_CHUNK_ROWS", 16)
+    monkeypatch.setattr(encode_module, "CPU_CHUNK_ROWS", 16)
+    previous = set_backend("torch")
+    try:
+        x, W_enc, b_enc = make_encoder(24, 100, torch.float32, "cpu")
+        x = torch.randn(45, 24, generator=torch.Generator().manual_seed(4)).requires_grad_()
+        for dead in (12, 60):
+            dead_mask = torch.arange(100) < dead
+            check_encode(x, W_enc, b_enc, 5, dead_mask, 8, torch.float32)
+    finally:
+        set_backend(previous)
+
+
 def test_grouped_cpu_topk_picks_the_same_entries_as_torch_topk():
     pre_acts = torch.randn(33, 2048, generator=torch.Generator().manual_seed(5))
     # Groups of 16 below k = 16, else of 8: twice for k = 1 and 2 (2048 -> 128 -> 8 maxima),
