@@ -117,8 +117,12 @@ CPU_CHUNK_ROWS = 512
 # runs: 282-317 ms against 358-363 ms for 512-row addmm chunks. `torch.ops.mkl._mkl_linear`
 # has no `out=`: each chunk's output is new, and glibc's heap reuses a freed 16 MiB one where
 # 32 MiB ones are mapped afresh and fault in (512 packed rows: 417-443 ms).
+# Packing W_enc costs about 11 ms at 16384 x 576, so small batches (inference, steering) keep
+# addmm: encoder forward at B = 1: 1.2 ms with addmm against 12.7 packed; 256: 24 against 34;
+# 1024: 90 against 80-93; 2048: 166 against 148; 4096: 367 against 329.
 MKL_PACKED = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 PACKED_CHUNK_ROWS = 256
+PACKED_MIN_ROWS = 1024
 
 
 class EncodeOutput(NamedTuple):
@@ -169,6 +173,11 @@ def _num_aux(dead_ids: Tensor | None, k_aux: int) -> int:
     return 0 if dead_ids is None else min(k_aux, dead_ids.numel())
 
 
+def _pack(W_enc: Tensor, rows: int) -> Tensor:
+    """W_enc in MKL's packed layout for matmuls of `rows` rows (see MKL_PACKED)."""
+    return torch.ops.mkl._mkl_reorder_linear_weight(W_enc.contiguous(), rows)
+
+
 def _encode_torch(x, W_enc, b_enc, k, dead_mask, k_aux, dead_ids) -> EncodeOutput:
     """Matmul chunk by chunk, selecting top-k (and aux) from each chunk before the next.
 
@@ -180,10 +189,11 @@ def _encode_torch(x, W_enc, b_enc, k, dead_mask, k_aux, dead_ids) -> EncodeOutpu
     indices = torch.empty(B, k, dtype=torch.int64, device=x.device)
     aux_acts = torch.empty(B, k_aux, dtype=out_dtype, device=x.device)  # (B, k_aux')
     aux_indices = torch.empty(B, k_aux, dtype=torch.int64, device=x.device)
-    packed = on_cpu and MKL_PACKED and x.dtype == W_enc.dtype == b_enc.dtype == torch.float32
+    packed = on_cpu and MKL_PACKED and B >= PACKED_MIN_ROWS
+    packed = packed and x.dtype == W_enc.dtype == b_enc.dtype == torch.float32
     chunk = PACKED_CHUNK_ROWS if packed else CPU_CHUNK_ROWS if on_cpu else max(B, 1)
     if packed:
-        W_packed = torch.ops.mkl._mkl_reorder_linear_weight(W_enc.contiguous(), chunk)
+        W_packed = _pack(W_enc, chunk)
     else:
         buffer = torch.empty(min(chunk, B), N, dtype=x.dtype, device=x.device)
     for start in range(0, B, chunk):

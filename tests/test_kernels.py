@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from types import SimpleNamespace
+from unittest import mock
 
 _TRITON_IMPORTED_EARLY = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
 
@@ -376,6 +377,7 @@ def test_cpu_encoder_chunks_rows_and_matches_the_reference(packed, monkeypatch):
         pytest.skip("torch built without MKL")
     monkeypatch.setattr(encode_module, "MKL_PACKED", packed)
     monkeypatch.setattr(encode_module, "PACKED_CHUNK_ROWS", 16)
+    monkeypatch.setattr(encode_module, "PACKED_MIN_ROWS", 40)
     monkeypatch.setattr(encode_module, "CPU_CHUNK_ROWS", 16)
     previous = set_backend("torch")
     try:
@@ -384,6 +386,12 @@ def test_cpu_encoder_chunks_rows_and_matches_the_reference(packed, monkeypatch):
         for dead in (12, 60):
             dead_mask = torch.arange(100) < dead
             check_encode(x, W_enc, b_enc, 5, dead_mask, 8, torch.float32)
+        if packed:  # packed from PACKED_MIN_ROWS rows on; fewer keep addmm
+            with mock.patch.object(encode_module, "_pack", wraps=encode_module._pack) as spy:
+                encode_topk(x[:39], W_enc, b_enc, 5)
+                assert spy.call_count == 0
+                encode_topk(x[:40], W_enc, b_enc, 5)
+                assert spy.call_count == 1 and spy.call_args.args[1] == 16
     finally:
         set_backend(previous)
 
