@@ -34,6 +34,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .sparse_ops import _INTERPRETED, _host_bench
+
     @triton.jit
     def _tile(N, D, d0, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         """Offsets and mask of this program's (BLOCK_R, BLOCK_D) tile of rows, from column d0."""
@@ -152,10 +154,6 @@ if HAS_TRITON:
                 w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 tl.store(w_ptr + offs, (w * scale[:, None]).to(w_ptr.dtype.element_ty), mask=mask)
 
-
-if HAS_TRITON:
-    from .sparse_ops import _INTERPRETED, _host_bench
-
     # Warps per program, autotuned on the first call for each width: the row tiles hold as
     # many values either way (registers bound them: 96 per thread at 8 warps and d_in 3072
     # on sm_90, 62 at 16), and more warps hide more of the row reductions' latency. Trials
@@ -237,6 +235,21 @@ def _tiles(D: int, interpreted: bool, tensors: int = 2) -> tuple[bool, int, int,
     return one_sweep, BLOCK_R, BLOCK_D, 8 if BLOCK_R * BLOCK_D >= 4096 else 4
 
 
+def _row_sq(W: Tensor) -> Tensor:
+    """|w|^2 of each row of an fp32 block: (rows, 1)."""
+    return (W * W).sum(1, keepdim=True)
+
+
+def _project_rows_(W: Tensor, g: Tensor, sq: Tensor) -> None:
+    """g -= (<g, w> / |w|^2) w for each row of the fp32 blocks W, g; sq: `_row_sq(W)`."""
+    g.addcmul_(W, (W * g).sum(1, keepdim=True).div_(sq.clamp_min(_TINY)), value=-1.0)
+
+
+def _normalize_rows_(W: Tensor, sq: Tensor, eps: float) -> None:
+    """W /= (|w| + eps) for each row of the fp32 block W; sq: `_row_sq(W)`, consumed."""
+    W.mul_(sq.sqrt_().add_(eps).reciprocal_())
+
+
 @torch.no_grad()
 def _run(W_dec: Tensor, grad: Tensor | None, project: bool, normalize: bool) -> None:
     N, D = W_dec.shape
@@ -255,15 +268,14 @@ def _run(W_dec: Tensor, grad: Tensor | None, project: bool, normalize: bool) -> 
     # than whole-tensor ops on one core); fp32 rows are updated through views.
     for start in range(0, N, _ROWS):
         W = W_dec[start : start + _ROWS].float()  # (rows, D)
-        sq = (W * W).sum(1, keepdim=True)  # (rows, 1)
+        sq = _row_sq(W)  # (rows, 1)
         if project:
             g = grad[start : start + _ROWS].float()  # (rows, D)
-            coef = (W * g).sum(1, keepdim=True).div_(sq.clamp_min(_TINY))
-            g.addcmul_(W, coef, value=-1.0)
+            _project_rows_(W, g, sq)
             if g.dtype != grad.dtype:
                 grad[start : start + _ROWS] = g
         if normalize:
-            W.mul_(sq.sqrt_().add_(eps).reciprocal_())
+            _normalize_rows_(W, sq, eps)
             if W.dtype != W_dec.dtype:
                 W_dec[start : start + _ROWS] = W
 
@@ -354,14 +366,13 @@ def decoder_adam_step_(
         W, g = W_dec[rows].float(), grad[rows].to(torch.float32, copy=True)  # (rows, D)
         m, v = exp_avg[rows].float(), exp_avg_sq[rows].float()
         if project:
-            coef = (W * g).sum(1, keepdim=True).div_((W * W).sum(1, keepdim=True).clamp_min(_TINY))
-            g.addcmul_(W, coef, value=-1.0)
+            _project_rows_(W, g, _row_sq(W))
         if weight_decay:
             g.add_(W, alpha=weight_decay)
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         W.addcdiv_(m, v.sqrt().mul_(rsqrt_bias2).add_(eps), value=-1.0 * step_size)
-        W.mul_((W * W).sum(1, keepdim=True).sqrt_().add_(norm_eps).reciprocal_())
+        _normalize_rows_(W, _row_sq(W), norm_eps)
         for target, value in ((W_dec, W), (exp_avg, m), (exp_avg_sq, v)):
             if value.dtype != target.dtype:  # fp32 tensors were updated through their views
                 target[rows] = value
