@@ -26,6 +26,7 @@ reused and speeds every row (both steps more than the floor).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import time
 from unittest import mock
@@ -90,9 +91,24 @@ def triton_runs(device: str) -> bool:
 
 # Context managers that set a kernel switch and restore it: fused_encoder(True) runs the
 # CUDA encoder as one matmul + selection kernel; latent_major(True) sums the Triton path's
-# weight-gradient rows latent-major.
-fused_encoder = functools.partial(mock.patch.object, encode_module, "FUSE_ON_CUDA")
+# weight-gradient rows latent-major; radix_select(True, device) selects by the radix kernel.
 latent_major = functools.partial(mock.patch.object, sparse_ops, "LATENT_MAJOR")
+
+
+@contextlib.contextmanager
+def fused_encoder(on: bool):
+    """The switch on CUDA and under the interpreter alike (where fusing is the default)."""
+    with (
+        mock.patch.object(encode_module, "FUSE_ON_CUDA", on),
+        mock.patch.object(encode_module, "FUSE_UNDER_INTERPRETER", on),
+    ):
+        yield
+
+
+def radix_select(on: bool, device: str):
+    """A context in which the unfused encoder selects by the radix-select kernel (or not)."""
+    devices = frozenset({torch.device(device).type}) if on else frozenset()
+    return mock.patch.object(topk_module, "RADIX_DEVICES", devices)
 
 
 @torch.no_grad()
@@ -133,13 +149,18 @@ def unfused_kernel_step(p, x, k, dead_mask, k_aux):
 
 
 def make_train_step(
-    forward, p, opt, x, k, dead_mask, k_aux, autocast_dtype, sparse_norm, major=None
+    forward, p, opt, x, k, dead_mask, k_aux, autocast_dtype, sparse_norm, major=None, radix=None
 ):
-    """One training step as a function; `major`: LATENT_MAJOR for its backward (None: as set)."""
+    """One training step as a function; `major`: LATENT_MAJOR for its backward, `radix`: the
+    radix select for the unfused encoder's selections (None: each as set)."""
+    radix_on = x.device.type in topk_module.RADIX_DEVICES if radix is None else radix
 
     def step():
-        with torch.autocast(
-            x.device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32
+        with (
+            torch.autocast(
+                x.device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32
+            ),
+            radix_select(radix_on, x.device.type),
         ):
             loss = forward(p, x, k, dead_mask, k_aux)
         with latent_major(sparse_ops.LATENT_MAJOR if major is None else major):
@@ -219,14 +240,21 @@ def bench_steps(args, dtype_name: str) -> None:
         steps.append(("kernel step (matmul+topk)", unfused_kernel_step, True, False))
         steps.append(("kernel step (latent-major)", unfused_kernel_step, True, True))
     for name, forward, sparse, major in steps:
+        radix = False if name == "kernel step (matmul+topk)" else None
         p = make_sae(d_in, N, args.device)
         if sparse:
             opt = DecoderNormAdam(p.values(), decoders=[p["W_dec"]], lr=1e-4, fused=True)
         else:
             opt = torch.optim.Adam(p.values(), lr=1e-4, fused=True)
         fns[name] = make_train_step(
-            forward, p, opt, x, args.k, dead_mask, k_aux, autocast_dtype, sparse, major
+            forward, p, opt, x, args.k, dead_mask, k_aux, autocast_dtype, sparse, major, radix
         )
+        if name == "kernel step (matmul+topk)":  # and with the radix select
+            p = make_sae(d_in, N, args.device)
+            opt = DecoderNormAdam(p.values(), decoders=[p["W_dec"]], lr=1e-4, fused=True)
+            fns["kernel step (matmul+radix)"] = make_train_step(
+                forward, p, opt, x, args.k, dead_mask, k_aux, autocast_dtype, sparse, major, True
+            )
     times = best_times(fns, args.rounds)
     if args.profile:
         profile(fns, args.profile)
@@ -421,11 +449,26 @@ def bench_parts(args, dtype_name: str) -> None:
         finally:
             topk_module.GROUPED_DEVICES = previous
 
+    # AuxK's selection beside the main one, as the encoder makes them: 10% of the latents
+    # dead, k_aux = d_in // 2 (at most the dead count), among the same pre-activations.
+    dead_mask = torch.rand(N, device=dev) < 0.1
+    k_aux = min(d_in // 2, int(dead_mask.sum()))
+
+    def topk_aux_torch():
+        pre.topk(k, dim=-1)
+        pre.masked_fill(~dead_mask, float("-inf")).topk(k_aux, dim=-1, sorted=False)
+
+    def topk_radix(aux):
+        return lambda: topk_module.radix_topk(pre, k, dead_mask if aux else None, k_aux)
+
     fns = {"floor: encoder matmul": floor, "encoder fwd+bwd: dense": enc_dense}
     fns["top-k of the pre-acts: torch"] = topk_torch
     fns["top-k of the pre-acts: grouped"] = topk_grouped
     triton_here = triton_runs(dev)
     if triton_here:
+        fns["top-k of the pre-acts: radix"] = topk_radix(False)
+        fns["top-k + AuxK: torch"] = topk_aux_torch
+        fns["top-k + AuxK: radix"] = topk_radix(True)
         fns["encoder fwd+bwd: fused"] = enc_ours(True)
     fns["encoder fwd+bwd: matmul+topk"] = enc_ours(False)
     if triton_here:
@@ -450,6 +493,14 @@ def bench_parts(args, dtype_name: str) -> None:
     else:
         used = f"off on {pre.device.type}: topk.GROUPED_DEVICES"
     print(f"  top-k: grouped is {ratio:.2f}x the speed of torch.topk ({used})")
+    if triton_here:
+        where = "on" if pre.device.type in topk_module.RADIX_DEVICES else "off"
+        ratio = times["top-k of the pre-acts: torch"] / times["top-k of the pre-acts: radix"]
+        aux_ratio = times["top-k + AuxK: torch"] / times["top-k + AuxK: radix"]
+        print(
+            f"  top-k: radix is {ratio:.2f}x the speed of torch.topk, {aux_ratio:.2f}x with "
+            f"AuxK (k_aux={k_aux}) (topk.RADIX_DEVICES: {where} on {pre.device.type})"
+        )
     ratio = times["decoder fwd+bwd: dense"] / times["decoder fwd+bwd: sparse"]
     print(f"  decoder: sparse is {ratio:.1f}x faster than dense")
     moved = 4 * W_norm.numel() * W_norm.element_size()  # W and G: read once, written once
@@ -548,14 +599,15 @@ def main() -> None:
 
 
 def print_tiles() -> None:
-    """The tiles the autotuner chose for the gathers, the scatters and the decoder's optimizer
-    step, per key (sizes, dtypes)."""
+    """The tiles the autotuner chose for the gathers, the scatters, the decoder's optimizer
+    step and the radix select, per key (sizes, dtypes)."""
     for module, name in (
         (sparse_ops, "_gather_combine_tuned"),
         (sparse_ops, "_gather_dot_tuned"),
         (sparse_ops, "_scatter_outer_tuned"),
         (sparse_ops, "_segment_outer_tuned"),
         (decoder_norm, "_decoder_adam_tuned"),
+        (topk_module, "_radix_topk_tuned"),
     ):
         tuner = getattr(module, name, None)
         for key, config in getattr(tuner, "cache", {}).items():

@@ -37,7 +37,7 @@ from triton.compiler import ASTSource
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("kernel_resources.py: unset TRITON_INTERPRET; the interpreter compiles nothing.")
 
-from saetrain.kernels import decoder_norm, encode, sparse_ops  # noqa: E402
+from saetrain.kernels import decoder_norm, encode, sparse_ops, topk  # noqa: E402
 
 # Shared memory one program may use, by compute capability (CUDA's documented maxima).
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
@@ -146,10 +146,26 @@ def encode_cases(quick: bool):
     return cases
 
 
+def topk_cases(quick: bool):
+    cases = []
+    for dtype, passes in (("bf16", 2),) if quick else (("bf16", 2), ("fp32", 4)):
+        sig = {"x_ptr": f"*{dtype}", "stride_x": "i32", "dead_ptr": "*i1"}
+        sig |= {"vals_ptr": f"*{dtype}", "idx_ptr": "*i64"}
+        sig |= {"aux_vals_ptr": f"*{dtype}", "aux_idx_ptr": "*i64"}
+        sig |= {"N": "i32", "K": "i32", "KA": "i32"}
+        sig |= {n: "constexpr" for n in ("PASSES", "HAS_AUX", "BLOCK_N")}
+        for aux in (False,) if quick else (False, True):
+            for config in topk.RADIX_CONFIGS[:1] if quick else topk.RADIX_CONFIGS:
+                consts = {"PASSES": passes, "HAS_AUX": aux} | config.kwargs
+                label = f"radix_topk {dtype}{' +aux' if aux else ''}"
+                cases.append((label, topk._radix_topk_kernel, sig, consts, config.num_warps))
+    return cases
+
+
 # Integer arguments that are multiples of 16 at the shapes this prints for (d_in 3072 or
 # 576, 24,576 or 16,384 latents, k 32, B 4096): the JIT specializes on that, as on aligned
 # pointers, and vectorizes loads it could not otherwise.
-MULTIPLES_OF_16 = {"k", "d", "D", "N", "B", "num_rows"}
+MULTIPLES_OF_16 = {"k", "d", "D", "N", "B", "num_rows", "stride_x"}
 
 
 def resources(kernel, sig, consts, warps, arch: int, stages: int = 3) -> dict:
@@ -203,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         *gather_cases(args.quick),
         *norm_cases(args.quick),
         *encode_cases(args.quick),
+        *topk_cases(args.quick),
     ]:
         if args.only not in label:
             continue

@@ -6,7 +6,9 @@ Issue #4, parts 2 and 3: the backward reads only the selected columns (grad W_en
 grad b_enc and grad x from k (+ k_aux) columns per token; no dense (B, num_latents)
 gradient). On CUDA the selection can run inside the encoder matmul so the
 (B, num_latents) pre-activations are never written (`FUSE_ON_CUDA`; off by default, as
-cuBLAS + torch.topk measured faster). The four parts:
+cuBLAS + torch.topk measured faster). After cuBLAS's matmul, the selections can run as
+one radix-select kernel that takes AuxK's from the same loads (`topk.radix_topk`, where
+`topk.RADIX_DEVICES` says; untimed on a GPU so far, so off). The four parts:
 `encode_topk_reference` (pure torch), `_encode_topk_kernel` (Triton), the host checks in
 `encode_topk`, and `EncodeTopkFunction`.
 
@@ -30,7 +32,7 @@ from .sparse_ops import (
     plan_rows,
     scatter_outer,
 )
-from .topk import NEG_KEY, select_topk, unpack_keys
+from .topk import NEG_KEY, radix_applies, radix_topk, select_topk, unpack_keys
 
 if HAS_TRITON:
     import triton
@@ -105,6 +107,9 @@ MAX_FUSED_K = 128
 # matmul. So cuBLAS + topk is the default; the fused kernel stays for wider SAEs or
 # smaller memory, tested against the reference like the rest.
 FUSE_ON_CUDA = False
+# Under Triton's CPU interpreter the fused kernel runs whatever FUSE_ON_CUDA says, so the
+# tests check it; False sends the interpreter down CUDA's default path instead.
+FUSE_UNDER_INTERPRETER = True
 # (BLOCK_B, BLOCK_N, BLOCK_D, num_warps) for the fused kernel on CUDA; None: chosen by
 # `_fused_blocks`. For benchmarks sweeping the tile sizes.
 FUSED_BLOCKS: tuple[int, int, int, int] | None = None
@@ -202,6 +207,15 @@ def _encode_torch(x, W_enc, b_enc, k, dead_mask, k_aux, dead_ids) -> EncodeOutpu
             pre_acts = torch.ops.mkl._mkl_linear(x[start:end], W_packed, W_enc, b_enc, chunk)
         else:
             pre_acts = torch.addmm(b_enc, x[start:end], W_enc.t(), out=buffer[: end - start])
+        if radix_applies(pre_acts) and not (k_aux and k_aux == dead_ids.numel()):
+            # The radix select takes the aux histograms from the main selection's loads.
+            values, indices[start:end], aux_values, aux_indices[start:end] = radix_topk(
+                pre_acts, k, dead_mask, k_aux
+            )
+            acts[start:end] = values.relu()
+            aux_acts[start:end] = aux_values.relu()
+            del pre_acts
+            continue
         values, indices[start:end] = select_topk(pre_acts, k)
         acts[start:end] = values.relu()
         # Aux rows are left unsorted: sorting k_aux=288 of ~800 costs as much as selecting.
@@ -244,7 +258,7 @@ def _encode_triton(x, W_enc, b_enc, k, dead_mask, k_aux, dead_ids) -> EncodeOutp
     N = W_enc.shape[0]
     KP, KAP = _pow2(k, 1, 1 << 30), _pow2(k_aux, 1, 1 << 30)
     interpreted = x.device.type != "cuda"
-    if KP > MAX_FUSED_K or not (FUSE_ON_CUDA or interpreted):
+    if KP > MAX_FUSED_K or not (FUSE_ON_CUDA or interpreted and FUSE_UNDER_INTERPRETER):
         return _encode_torch(x, W_enc, b_enc, k, dead_mask, k_aux, dead_ids)
     fuse_aux = 0 < k_aux and KAP <= MAX_FUSED_K
     KAP = KAP if fuse_aux else 1

@@ -13,6 +13,15 @@ Triton: a (value, column) pair is packed into one int64 key whose integer order 
 float order (ties broken by the larger column), so `tl.topk` on keys carries the columns
 along; `merge_topk` folds a tile of keys into a running top-KP, and `unpack_keys` (torch)
 reads the kernel's keys back as values and columns.
+
+Triton radix select (`radix_topk`), for rows of pre-activations already in memory (CUDA,
+where cuBLAS's matmul beats the fused kernel): one program per row finds the k-th largest
+value digit by digit, 8 bits a pass, from histograms of the row (2 passes for bf16, whose
+low 16 bits are zero, 3 for fp16, 4 for fp32), then writes the entries above it and the
+first of those equal to it. The cost does not grow with k, and the AuxK selection among
+dead latents takes its histograms from the same loads. torch.topk's CUDA kernel selects
+2 bits a pass. Whether it pays is a GPU measurement: `RADIX_DEVICES` is empty until
+`benchmarks/bench_kernels.py --parts` ("top-k: radix is N x") says so.
 """
 
 from __future__ import annotations
@@ -20,11 +29,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._backend import HAS_TRITON
+from ._backend import HAS_TRITON, use_triton
 
 # Where `select_topk` groups. Measured on CPU (above); on CUDA torch.topk stays until a GPU
 # run of `benchmarks/bench_kernels.py --parts` (its "top-k" rows) says grouping pays there.
 GROUPED_DEVICES = frozenset({"cpu"})
+# Where `select_topk` (and the CUDA encoder's selection) runs the radix-select kernel when the
+# Triton kernels run there (see above). Empty: not yet timed on a GPU.
+RADIX_DEVICES: frozenset[str] = frozenset()
+# Digit passes of the radix select per input dtype: the bits that can differ between values.
+RADIX_PASSES = {torch.float32: 4, torch.float16: 3, torch.bfloat16: 2}
 # The smallest key: -inf (bits 0xFF800000, order bits 0x807FFFFF as int32) with column 0.
 NEG_KEY = ((0xFF800000 ^ 0x7FFFFFFF) - (1 << 32)) << 32
 
@@ -47,6 +61,9 @@ def select_topk(pre_acts: Tensor, k: int, sorted: bool = True) -> tuple[Tensor, 
     Largest first if `sorted`, else in no particular order.
     """
     b, n = pre_acts.shape
+    if radix_applies(pre_acts) and b:
+        values, indices, _, _ = radix_topk(pre_acts, k, sorted=sorted)
+        return values, indices
     if pre_acts.device.type not in GROUPED_DEVICES or not groupable(n, k) or b == 0:
         return pre_acts.topk(k, dim=1, sorted=sorted)
     G = group_size(k)
@@ -59,6 +76,84 @@ def select_topk(pre_acts: Tensor, k: int, sorted: bool = True) -> tuple[Tensor, 
     return values, candidates.gather(1, picked)
 
 
+def radix_applies(pre_acts: Tensor) -> bool:
+    """Whether selections from `pre_acts` run the radix-select kernel (`RADIX_DEVICES`)."""
+    device = pre_acts.device
+    return device.type in RADIX_DEVICES and pre_acts.dtype in RADIX_PASSES and use_triton(device)
+
+
+def radix_topk_reference(
+    pre_acts: Tensor, k: int, dead_mask: Tensor | None = None, k_aux: int = 0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """What `radix_topk` returns, from torch.topk: the k largest of each row (largest first),
+    and the k_aux largest among the columns `dead_mask` marks (in no particular order)."""
+    values, indices = pre_acts.topk(k, dim=1)
+    if dead_mask is None or not k_aux:
+        return values, indices, values[:, :0], indices[:, :0]
+    masked = pre_acts.masked_fill(~dead_mask, float("-inf"))
+    aux_values, aux_indices = masked.topk(k_aux, dim=1)
+    return values, indices, aux_values, aux_indices
+
+
+def radix_topk(
+    pre_acts: Tensor,
+    k: int,
+    dead_mask: Tensor | None = None,
+    k_aux: int = 0,
+    sorted: bool = True,
+    block: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The top k of each row of a (b, n) float tensor by the Triton radix select, and with
+    `dead_mask` ((n,) bool) the top k_aux among the marked columns from the same loads.
+
+    Returns values (in pre_acts' dtype) and int64 columns, main then aux. Unsorted rows
+    hold the entries above the k-th value in column order, then those equal to it; ties at
+    the k-th value go to the lowest columns. The main rows come largest first if `sorted`.
+    k_aux must be at most the number of marked columns (not checked: counting them would
+    wait on the device). `block`: columns
+    per tile (a power of two; autotuned by default), for tests.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("radix_topk needs triton; select_topk runs torch.topk without it.")
+    if pre_acts.dim() != 2 or pre_acts.dtype not in RADIX_PASSES:
+        raise ValueError(
+            f"radix_topk takes a 2-D fp32, bf16 or fp16 tensor, got {tuple(pre_acts.shape)} "
+            f"{pre_acts.dtype}."
+        )
+    b, n = pre_acts.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"radix_topk: k={k} must be in [1, {n}] for rows of {n} columns.")
+    has_aux = dead_mask is not None and k_aux > 0
+    if has_aux and (
+        dead_mask.shape != (n,) or dead_mask.dtype != torch.bool
+        or dead_mask.device != pre_acts.device or k_aux > n
+    ):  # fmt: skip
+        raise ValueError(
+            f"radix_topk: dead_mask must be a ({n},) bool tensor on {pre_acts.device} and "
+            f"k_aux <= {n}; got {tuple(dead_mask.shape)} {dead_mask.dtype} on "
+            f"{dead_mask.device}, k_aux={k_aux}."
+        )
+    if pre_acts.stride(1) != 1:
+        pre_acts = pre_acts.contiguous()
+    k_aux = k_aux if has_aux else 0
+    values = pre_acts.new_empty(b, k)
+    indices = torch.empty(b, k, dtype=torch.int64, device=pre_acts.device)
+    aux_values = pre_acts.new_empty(b, k_aux)
+    aux_indices = torch.empty(b, k_aux, dtype=torch.int64, device=pre_acts.device)
+    if b:
+        args = (pre_acts, pre_acts.stride(0), dead_mask if has_aux else pre_acts,
+                values, indices, aux_values, aux_indices, n, k, k_aux)  # fmt: skip
+        flags = dict(PASSES=RADIX_PASSES[pre_acts.dtype], HAS_AUX=has_aux)
+        if block is None:
+            _radix_topk_tuned[(b,)](*args, **flags)
+        else:
+            _radix_topk_kernel[(b,)](*args, **flags, BLOCK_N=block, num_warps=1)
+    if sorted and k > 1:
+        values, order = values.sort(dim=1, descending=True)
+        indices = indices.gather(1, order)
+    return values, indices, aux_values, aux_indices
+
+
 def unpack_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
     """fp32 values and int64 columns of int64 keys packed by the Triton `pack_keys`."""
     ordered = (keys >> 32).to(torch.int32)
@@ -69,6 +164,8 @@ def unpack_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from .sparse_ops import _INTERPRETED, _host_bench
 
     @triton.jit
     def pack_keys(values, columns):
@@ -86,3 +183,108 @@ if HAS_TRITON:
         else:
             both = tl.reshape(tl.join(best, keys), (best.shape[0], 2 * KP))
         return tl.topk(both, KP)
+
+    @triton.jit
+    def _ordered_u32(x):
+        """uint32 keys whose unsigned order is the float order of x (upcast to fp32)."""
+        bits = (x.to(tl.float32) + 0.0).to(tl.int32, bitcast=True)  # -0.0 as +0.0: a tie
+        # Negative floats: flip every bit; the rest: set the sign bit.
+        return (bits ^ ((bits >> 31) | -2147483648)).to(tl.uint32, bitcast=True)
+
+    @triton.jit
+    def _pick_digit(hist, rem):
+        """The digit holding the rem-th largest entry, given the histogram of the digits of
+        the entries still in the running (the rem-th counted from the top), and the rem
+        left for the next digit: the count among the entries with that digit."""
+        bins = tl.arange(0, 256)
+        at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # entries with digit >= d
+        digit = tl.max(tl.where(at_or_above >= rem, bins, 0), 0)
+        return digit, rem - tl.sum(tl.where(bins > digit, hist, 0), 0)
+
+    @triton.jit
+    def _radix_topk_kernel(
+        x_ptr, stride_x, dead_ptr, vals_ptr, idx_ptr, aux_vals_ptr, aux_idx_ptr, N, K, KA,
+        PASSES: tl.constexpr, HAS_AUX: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        """One program per row: the K largest (and the KA largest dead) by radix select."""
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * stride_x
+        prefix = tl.program_id(0).to(tl.uint32) * 0  # the digits fixed so far
+        aux_prefix = prefix
+        rem = K  # entries still to take among those with the prefix
+        aux_rem = KA
+        for p in tl.static_range(PASSES):
+            hist = tl.zeros((256,), tl.int32)
+            aux_hist = tl.zeros((256,), tl.int32)
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                valid = cols < N
+                key = _ordered_u32(tl.load(x_row + cols, mask=valid, other=0.0))
+                digits = ((key >> 24 - 8 * p) & 255).to(tl.int32)
+                if p == 0:
+                    hist += tl.histogram(digits, 256, mask=valid)
+                else:
+                    hist += tl.histogram(digits, 256, mask=valid & ((key >> 32 - 8 * p) == prefix))
+                if HAS_AUX:
+                    dead = valid & (tl.load(dead_ptr + cols, mask=valid, other=0) != 0)
+                    if p > 0:
+                        dead = dead & ((key >> 32 - 8 * p) == aux_prefix)
+                    aux_hist += tl.histogram(digits, 256, mask=dead)
+            digit, rem = _pick_digit(hist, rem)
+            prefix = (prefix << 8) | digit.to(tl.uint32)
+            if HAS_AUX:
+                digit, aux_rem = _pick_digit(aux_hist, aux_rem)
+                aux_prefix = (aux_prefix << 8) | digit.to(tl.uint32)
+        # The entries above the threshold take the first K - rem slots in column order; the
+        # first rem of those equal to it take the rest. Entries are equal where the bits the
+        # passes read are.
+        low: tl.constexpr = 32 - 8 * PASSES
+        taken = 0
+        ties = 0
+        aux_taken = 0
+        aux_ties = 0
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            valid = cols < N
+            x = tl.load(x_row + cols, mask=valid, other=0.0)
+            top = _ordered_u32(x) >> low
+            above = valid & (top > prefix)
+            equal = valid & (top == prefix)
+            slot = taken + tl.cumsum(above.to(tl.int32), 0) - 1
+            tie = ties + tl.cumsum(equal.to(tl.int32), 0)  # 1 for the first equal entry
+            slot = tl.where(above, slot, K - rem + tie - 1)
+            keep = above | (equal & (tie <= rem))
+            tl.store(vals_ptr + row * K + slot, x, mask=keep)
+            tl.store(idx_ptr + row * K + slot, cols.to(tl.int64), mask=keep)
+            taken += tl.sum(above.to(tl.int32), 0)
+            ties += tl.sum(equal.to(tl.int32), 0)
+            if HAS_AUX:
+                dead = valid & (tl.load(dead_ptr + cols, mask=valid, other=0) != 0)
+                above = dead & (top > aux_prefix)
+                equal = dead & (top == aux_prefix)
+                slot = aux_taken + tl.cumsum(above.to(tl.int32), 0) - 1
+                tie = aux_ties + tl.cumsum(equal.to(tl.int32), 0)
+                slot = tl.where(above, slot, KA - aux_rem + tie - 1)
+                keep = above | (equal & (tie <= aux_rem))
+                tl.store(aux_vals_ptr + row * KA + slot, x, mask=keep)
+                tl.store(aux_idx_ptr + row * KA + slot, cols.to(tl.int64), mask=keep)
+                aux_taken += tl.sum(above.to(tl.int32), 0)
+                aux_ties += tl.sum(equal.to(tl.int32), 0)
+
+    # Columns per tile and warps, autotuned on the first call for each width and dtype. On
+    # sm_90 (benchmarks/kernel_resources.py) 1024 columns take 62 registers a thread at 8
+    # warps, so 4 programs fit on an SM; 4096 at 16 warps take 97 (1 program). Programs
+    # only write their outputs, so trials need nothing put back. The interpreter tries two.
+    RADIX_CONFIGS = [
+        triton.Config({"BLOCK_N": block}, num_warps=warps)
+        for block, warps in (
+            ((16, 1), (32, 1))
+            if _INTERPRETED
+            else ((512, 4), (1024, 4), (1024, 8), (2048, 8), (2048, 16), (4096, 16))
+        )
+    ]
+    _radix_topk_tuned = triton.autotune(
+        RADIX_CONFIGS,
+        key=["N", "PASSES", "HAS_AUX"],
+        do_bench=_host_bench if _INTERPRETED else None,
+    )(_radix_topk_kernel)

@@ -12,8 +12,10 @@
 # "kernel step (latent-major)" row against "kernel step (matmul+topk)" with the two
 # "latent-major is N x the speed of token-major" lines (kernels/sparse_ops.py LATENT_MAJOR:
 # True if the step row is faster), "decoder optimizer step: one pass is N x the speed of the
-# 3 ops" (saetrain/optim.py FUSE_WHERE_TRITON, on: False if N < 1), and the "autotuned"
-# lines (the tiles each kernel chose).
+# 3 ops" (saetrain/optim.py FUSE_WHERE_TRITON, on: False if N < 1), "top-k: radix is N x
+# the speed of torch.topk" with the "kernel step (matmul+radix)" row (kernels/topk.py
+# RADIX_DEVICES: add "cuda" if both are faster), and the "autotuned" lines (the tiles each
+# kernel chose).
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -28,7 +30,7 @@ bench="python3 benchmarks/bench_kernels.py --rounds 5"
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
     echo "== GPU correctness: training-size batch, whole training step, latent-major sums"
     timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-        -k "gpu or training_step or latent_major or decoder_adam"
+        -k "gpu or training_step or latent_major or decoder_adam or radix"
     echo "== d_in=3072, num_latents=24576, k=32, B=4096 (the issue's GPU target)"
     timeout 150 $bench --d-in 3072 --num-latents 24576 --dtypes bf16 --parts ${SWEEP:+--sweep}
     echo "== the same at B=16384 (at B=4096 fused Adam alone caps any step near 0.45x the floor)"
@@ -44,5 +46,5 @@ bench="python3 benchmarks/bench_kernels.py --rounds 5"
 {
     echo "== summary: decisions and targets (each block above, in order)"
     lines="^== |passed|failed|x floor speed|no step beats|grouped is|fused is|latent-major is"
-    grep -E "$lines|faster than dense|decoder-norm step,|one pass is" "$OUT/gpu_check.log"
+    grep -E "$lines|faster than dense|decoder-norm step,|one pass is|radix is" "$OUT/gpu_check.log"
 } 2>&1 | tee -a "$OUT/gpu_check.log"

@@ -27,6 +27,7 @@ if not torch.cuda.is_available():
 import saetrain.kernels.decoder_norm as decoder_norm_module  # noqa: E402
 import saetrain.kernels.encode as encode_module  # noqa: E402
 import saetrain.kernels.sparse_ops as sparse_ops  # noqa: E402
+import saetrain.kernels.topk as topk_module  # noqa: E402
 from host_syncs import HostSyncs  # noqa: E402
 from saetrain.kernels import (  # noqa: E402
     decode,
@@ -45,7 +46,7 @@ from saetrain.kernels import (  # noqa: E402
     set_backend,
 )
 from saetrain.kernels._backend import HAS_TRITON, triton_interpreted, use_triton  # noqa: E402
-from saetrain.kernels.topk import select_topk  # noqa: E402
+from saetrain.kernels.topk import radix_topk, radix_topk_reference, select_topk  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
@@ -292,6 +293,29 @@ def test_encode_topk_beyond_the_fused_kernel_limit_matches_the_reference(device,
     check_encode(x, W_enc, b_enc, k, dead_mask.to(device), k_aux, torch.float32)
 
 
+def use_radix_select(monkeypatch, device):
+    """Send the encoder down CUDA's unfused path (matmul, then selection), with the
+    selections by the radix-select kernel: on CUDA, or under the interpreter on CPU."""
+    if get_backend() != "triton" or sparse_ops.LATENT_MAJOR:
+        pytest.skip("the radix select is a Triton kernel, and the backward's order is moot")
+    monkeypatch.setattr(encode_module, "FUSE_UNDER_INTERPRETER", False)
+    monkeypatch.setattr(encode_module, "FUSE_ON_CUDA", False)
+    monkeypatch.setattr(topk_module, "RADIX_DEVICES", frozenset({device.type}))
+
+
+@pytest.mark.parametrize("k", ["1", "5", "num_latents"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_encode_topk_by_radix_select_matches_the_reference(device, dtype, k, monkeypatch):
+    use_radix_select(monkeypatch, device)
+    k = 100 if k == "num_latents" else int(k)
+    x, W_enc, b_enc = make_encoder(24, 100, dtype, device)
+    dead_mask = torch.rand(100, generator=torch.Generator().manual_seed(3)) < 0.3
+    with mock.patch.object(encode_module, "radix_topk", wraps=radix_topk) as radix:
+        out = check_encode(x, W_enc, b_enc, k, dead_mask.to(device), 6, dtype)
+    assert radix.call_count == 1  # both selections from one kernel
+    assert dead_mask[out.aux_indices.cpu()].all()
+
+
 class Shapes(TorchDispatchMode):
     """Records the shape of every strided tensor an op returns."""
 
@@ -394,6 +418,90 @@ def test_cpu_encoder_chunks_rows_and_matches_the_reference(packed, monkeypatch):
                 assert spy.call_count == 1 and spy.call_args.args[1] == 16
     finally:
         set_backend(previous)
+
+
+RADIX_DTYPES = DTYPES | {"fp16": torch.float16}
+
+
+def check_radix(pre_acts, k, dead_mask=None, k_aux=0, block=16):
+    """radix_topk against torch.topk: the same values (main rows in order), entries that hold
+    them, no column twice, and aux entries among the dead; returns radix_topk's outputs."""
+    got = radix_topk(pre_acts, k, dead_mask, k_aux, block=block)
+    want = radix_topk_reference(pre_acts, k, dead_mask, k_aux)
+    values, indices, aux_values, aux_indices = got
+    assert torch.equal(values, want[0])
+    assert torch.equal(aux_values.sort(1).values, want[2].sort(1).values)
+    for v, i in ((values, indices), (aux_values, aux_indices)):
+        assert i.dtype == torch.int64 and torch.equal(pre_acts.gather(1, i), v)
+        assert (i.sort(1).values.diff(dim=1) > 0).all()  # each column at most once
+    if k_aux:
+        assert dead_mask[aux_indices].all()
+    return got
+
+
+@pytest.mark.skipif(not TRITON_RUNS_HERE, reason="needs CUDA or Triton's interpreter")
+@pytest.mark.parametrize("n, block", [(100, 16), (64, None)], ids=["100-tiles-16", "64-tuned"])
+@pytest.mark.parametrize("dtype", RADIX_DTYPES.values(), ids=RADIX_DTYPES.keys())
+def test_radix_topk_matches_torch_topk_with_auxk(dtype, n, block):
+    # Width not a power of two in 7 tiles a row; a power of two in the autotuner's tiles;
+    # k = 1 and k = n; aux among 40% dead columns, k_aux up to all of them.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(n)
+    pre_acts = torch.randn(6, n, generator=gen).to(device, dtype)
+    dead_mask = (torch.rand(n, generator=gen) < 0.4).to(device)
+    dead = int(dead_mask.sum())
+    for k, k_aux in ((1, 1), (7, dead), (n, 5)):
+        check_radix(pre_acts, k, dead_mask, k_aux, block)
+    values, indices, aux_values, _ = check_radix(pre_acts, 3, block=block)  # no aux
+    assert aux_values.shape == (6, 0)
+    unsorted = radix_topk(pre_acts, 3, sorted=False, block=block)
+    above, tie = unsorted[1][:, :2], unsorted[1][:, 2]  # above the 3rd value, then the 3rd
+    assert torch.equal(above, above.sort(1).values) and torch.equal(tie, indices[:, 2])
+    assert torch.equal(unsorted[1].sort(1).values, indices.sort(1).values)
+
+
+@pytest.mark.skipif(not TRITON_RUNS_HERE, reason="needs CUDA or Triton's interpreter")
+@pytest.mark.parametrize("dtype", RADIX_DTYPES.values(), ids=RADIX_DTYPES.keys())
+def test_radix_topk_gives_ties_to_the_lowest_columns(dtype):
+    # Rows of few distinct values (the k-th largest ties with many), -0.0 among +0.0, a row
+    # of -inf, a row all equal: the entries above the k-th value, then its lowest columns.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    pre_acts = torch.randint(-3, 3, (5, 70), generator=gen).to(dtype)
+    pre_acts[0] = float("-inf")
+    pre_acts[1, ::3] = -0.0
+    pre_acts[2] = 1.5
+    pre_acts = pre_acts.to(device)
+    dead_mask = (torch.rand(70, generator=gen) < 0.5).to(device)
+    for k in (1, 9, 40, 70):
+        values, indices, aux_values, aux_indices = check_radix(pre_acts, k, dead_mask, 11)
+        selections = ((values, indices, slice(None)), (aux_values, aux_indices, dead_mask))
+        for row in range(5):
+            for v, i, cols in selections:
+                last = v[row].min()
+                candidates = torch.arange(70, device=device)[cols]
+                above = candidates[pre_acts[row, candidates] > last]
+                equal = candidates[pre_acts[row, candidates] == last]
+                want = torch.cat([above, equal[: i.shape[1] - len(above)]])
+                assert torch.equal(i[row].sort().values, want.sort().values), (k, row)
+
+
+@pytest.mark.skipif(not TRITON_RUNS_HERE, reason="needs CUDA or Triton's interpreter")
+def test_radix_topk_rejects_bad_input_in_one_line():
+    pre_acts = torch.randn(3, 20)
+    for call, words in (
+        (lambda: radix_topk(pre_acts, 0), "k=0 must be in [1, 20]"),
+        (lambda: radix_topk(pre_acts, 21), "k=21"),
+        (lambda: radix_topk(pre_acts[0], 2), "2-D"),
+        (lambda: radix_topk(pre_acts.double(), 2), "torch.float64"),
+        (lambda: radix_topk(pre_acts, 2, torch.ones(19, dtype=torch.bool), 2), "(20,) bool"),
+        (lambda: radix_topk(pre_acts, 2, torch.ones(20), 2), "torch.float32"),
+    ):
+        with pytest.raises(ValueError, match=None) as err:
+            call()
+        assert words in str(err.value) and "\n" not in str(err.value)
+    empty = radix_topk(pre_acts[:0], 2, torch.ones(20, dtype=torch.bool), 3)
+    assert [tuple(t.shape) for t in empty] == [(0, 2), (0, 2), (0, 3), (0, 3)]
 
 
 def test_grouped_cpu_topk_picks_the_same_entries_as_torch_topk():
@@ -734,7 +842,7 @@ def train_steps(sae, batches, dead_mask, optimizer="DecoderNormAdam"):
     return sae
 
 
-@pytest.mark.parametrize("plans", ["sparse", "dense"])
+@pytest.mark.parametrize("plans", ["sparse", "dense", "radix"])
 def test_a_training_step_with_the_kernels_equals_one_with_the_references(
     device, plans, monkeypatch
 ):
@@ -742,6 +850,9 @@ def test_a_training_step_with_the_kernels_equals_one_with_the_references(
     # on (a third of the latents dead), over three Adam steps. dense: the encoder's plans
     # send both selections through the dense-over-rows path (main: all 100 rows; aux: the
     # dead ones), in the decoder's forward and backward and in the encoder's backward.
+    # radix: sparse plans, the selections by the radix-select kernel (Triton only).
+    if plans == "radix":
+        use_radix_select(monkeypatch, device)
     if plans == "dense":
         monkeypatch.setattr(sparse_ops, "DENSE_MIN_ENTRIES", 0)
         monkeypatch.setattr(sparse_ops, "DENSE_MAX_ROWS_PER_K", 25)  # 100 rows <= 25 * k
@@ -796,9 +907,9 @@ def test_triton_kernels_match_the_reference_at_training_width_on_gpu(dtype, monk
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("major", [False, True], ids=["token-major", "latent-major"])
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "matmul+topk"])
+@pytest.mark.parametrize("selection", ["fused", "matmul+topk", "matmul+radix"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_kernels_at_a_training_batch_on_gpu(dtype, fused, major, monkeypatch):
+def test_kernels_at_a_training_batch_on_gpu(dtype, selection, major, monkeypatch):
     # A real batch: 2048 tokens x 16384 latents, so the atomics of the scatter collide (or,
     # latent-major, blocks of rows hold hundreds of sorted entries) and the encoder splits
     # the latents across many programs. Near-ties may pick a different latent than the
@@ -807,7 +918,9 @@ def test_kernels_at_a_training_batch_on_gpu(dtype, fused, major, monkeypatch):
     # another order: fp32 gets atol 1e-4.
     tol = dict(rtol=2e-2, atol=2e-3) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
     monkeypatch.setitem(TOL, torch.float32, tol)
-    monkeypatch.setattr(encode_module, "FUSE_ON_CUDA", fused)
+    monkeypatch.setattr(encode_module, "FUSE_ON_CUDA", selection == "fused")
+    radix = frozenset({"cuda"}) if selection == "matmul+radix" else frozenset()
+    monkeypatch.setattr(topk_module, "RADIX_DEVICES", radix)
     monkeypatch.setattr(sparse_ops, "LATENT_MAJOR", major)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     previous = set_backend("triton")
@@ -846,6 +959,18 @@ def test_kernels_at_a_training_batch_on_gpu(dtype, fused, major, monkeypatch):
         check_decode(acts, out.latent_indices, W_dec, dtype)
     finally:
         set_backend(previous)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", RADIX_DTYPES.values(), ids=RADIX_DTYPES.keys())
+def test_radix_topk_at_training_width_on_gpu(dtype):
+    # The compiled, autotuned kernel on 4096 x 24576 pre-activations: the same values as
+    # torch.topk, exactly (both select; nothing is summed), with a wide AuxK among 10% dead.
+    gen = torch.Generator().manual_seed(0)
+    pre_acts = torch.randn(4096, 24576, generator=gen).cuda().to(dtype)
+    dead_mask = (torch.rand(24576, generator=gen) < 0.1).cuda()
+    check_radix(pre_acts, 32, dead_mask, 512, block=None)
 
 
 @pytest.mark.gpu
