@@ -271,16 +271,17 @@ if HAS_TRITON:
                 aux_taken += tl.sum(above.to(tl.int32), 0)
                 aux_ties += tl.sum(equal.to(tl.int32), 0)
 
-    # Columns per tile and warps, autotuned on the first call for each width and dtype. On
-    # sm_90 (benchmarks/kernel_resources.py) 1024 columns take 62 registers a thread at 8
-    # warps, so 4 programs fit on an SM; 4096 at 16 warps take 97 (1 program). Programs
-    # only write their outputs, so trials need nothing put back. The interpreter tries two.
+    # Columns per tile and warps, autotuned on the first call for each width and dtype: the
+    # tiles that leave the most warps resident on sm_90 (benchmarks/kernel_resources.py:
+    # 32-36 of 64 for the first three, 16 for 4096 columns; 1024 at 4 warps or 2048 at 8
+    # take 80-128 registers a thread and leave 16-24). Programs only write their outputs,
+    # so trials need nothing put back. The interpreter tries two.
     RADIX_CONFIGS = [
         triton.Config({"BLOCK_N": block}, num_warps=warps)
         for block, warps in (
             ((16, 1), (32, 1))
             if _INTERPRETED
-            else ((512, 4), (1024, 4), (1024, 8), (2048, 8), (2048, 16), (4096, 16))
+            else ((512, 4), (1024, 8), (2048, 16), (4096, 16))
         )
     ]
     _radix_topk_tuned = triton.autotune(
