@@ -458,8 +458,9 @@ def bench_parts(args, dtype_name: str) -> None:
         pre.topk(k, dim=-1)
         pre.masked_fill(~dead_mask, float("-inf")).topk(k_aux, dim=-1, sorted=False)
 
-    def topk_radix(aux):
-        return lambda: topk_module.radix_topk(pre, k, dead_mask if aux else None, k_aux)
+    def topk_radix(aux, resident=None):
+        dead = dead_mask if aux else None
+        return lambda: topk_module.radix_topk(pre, k, dead, k_aux, resident=resident)
 
     fns = {"floor: encoder matmul": floor, "encoder fwd+bwd: dense": enc_dense}
     fns["top-k of the pre-acts: torch"] = topk_torch
@@ -467,6 +468,8 @@ def bench_parts(args, dtype_name: str) -> None:
     triton_here = triton_runs(dev)
     if triton_here:
         fns["top-k of the pre-acts: radix"] = topk_radix(False)
+        if 1 << (N - 1).bit_length() <= topk_module.RESIDENT_MAX_N:  # the other method
+            fns["top-k of the pre-acts: histograms"] = topk_radix(False, resident=False)
         fns["top-k + AuxK: torch"] = topk_aux_torch
         fns["top-k + AuxK: radix"] = topk_radix(True)
         fns["encoder fwd+bwd: fused"] = enc_ours(True)
@@ -501,6 +504,13 @@ def bench_parts(args, dtype_name: str) -> None:
             f"  top-k: radix is {ratio:.2f}x the speed of torch.topk, {aux_ratio:.2f}x with "
             f"AuxK (k_aux={k_aux}) (topk.RADIX_DEVICES: {where} on {pre.device.type})"
         )
+        if "top-k of the pre-acts: histograms" in times:
+            ratio = times["top-k of the pre-acts: histograms"]
+            ratio /= times["top-k of the pre-acts: radix"]
+            print(
+                f"  top-k: rows in registers are {ratio:.2f}x the speed of histograms over "
+                f"rows in memory (topk.RESIDENT_MAX_N = {topk_module.RESIDENT_MAX_N})"
+            )
     ratio = times["decoder fwd+bwd: dense"] / times["decoder fwd+bwd: sparse"]
     print(f"  decoder: sparse is {ratio:.1f}x faster than dense")
     moved = 4 * W_norm.numel() * W_norm.element_size()  # W and G: read once, written once

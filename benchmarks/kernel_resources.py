@@ -159,6 +159,15 @@ def topk_cases(quick: bool):
                 consts = {"PASSES": passes, "HAS_AUX": aux} | config.kwargs
                 label = f"radix_topk {dtype}{' +aux' if aux else ''}"
                 cases.append((label, topk._radix_topk_kernel, sig, consts, config.num_warps))
+        sig = {n: kind for n, kind in sig.items() if n != "PASSES"}
+        sig |= {"BITS": "constexpr", "TILE": "constexpr"}
+        bits = 16 if dtype == "bf16" else 32
+        for aux in (False,) if quick else (False, True):
+            for width in (32768,) if quick else (8192, 16384, 32768):  # what radix_topk runs
+                consts = {"BITS": bits, "HAS_AUX": aux, "BLOCK_N": width, "TILE": 1024}
+                label = f"resident_topk {dtype}{' +aux' if aux else ''}"
+                warps = topk.resident_warps(width)
+                cases.append((label, topk._resident_topk_kernel, sig, consts, warps))
     return cases
 
 

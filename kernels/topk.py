@@ -16,12 +16,14 @@ reads the kernel's keys back as values and columns.
 
 Triton radix select (`radix_topk`), for rows of pre-activations already in memory (CUDA,
 where cuBLAS's matmul beats the fused kernel): one program per row finds the k-th largest
-value digit by digit, 8 bits a pass, from histograms of the row (2 passes for bf16, whose
-low 16 bits are zero, 3 for fp16, 4 for fp32), then writes the entries above it and the
-first of those equal to it. The cost does not grow with k, and the AuxK selection among
-dead latents takes its histograms from the same loads. torch.topk's CUDA kernel selects
-2 bits a pass. Whether it pays is a GPU measurement: `RADIX_DEVICES` is empty until
-`benchmarks/bench_kernels.py --parts` ("top-k: radix is N x") says so.
+value's bits (16 for bf16, 19 for fp16, 32 for fp32, as ordered integer keys), then writes
+the entries above it and the first of those equal to it. Rows of up to 32,768 columns are
+read once into registers and bisected, a bit per row reduction; wider rows are
+histogrammed 8 bits a pass over the row in memory. The cost does not grow with k, and the
+AuxK selection among dead latents comes from the same read. torch.topk's CUDA kernel
+selects 2 bits a pass over the row in memory. Whether it pays is a GPU measurement:
+`RADIX_DEVICES` is empty until `benchmarks/bench_kernels.py --parts` ("top-k: radix is
+N x") says so.
 """
 
 from __future__ import annotations
@@ -37,8 +39,24 @@ GROUPED_DEVICES = frozenset({"cpu"})
 # Where `select_topk` (and the CUDA encoder's selection) runs the radix-select kernel when the
 # Triton kernels run there (see above). Empty: not yet timed on a GPU.
 RADIX_DEVICES: frozenset[str] = frozenset()
-# Digit passes of the radix select per input dtype: the bits that can differ between values.
+# Bits that can differ between values of each input dtype as fp32 (bf16: the top 16; fp16:
+# sign, exponent and 10 mantissa bits), and the 8-bit digit passes that cover them.
+RADIX_BITS = {torch.float32: 32, torch.float16: 19, torch.bfloat16: 16}
 RADIX_PASSES = {torch.float32: 4, torch.float16: 3, torch.bfloat16: 2}
+# The widest rows (padded to a power of two) whose keys the radix select holds in registers:
+# 32 per thread at 32 warps, 63 registers a thread on sm_90 without spills (benchmarks/
+# kernel_resources.py). Each bit is then one pass over registers, against a pass over the
+# row in memory, and a histogram of 8 bits costs a warp about 3 instructions an entry
+# (Triton's ballot-per-bit lowering) where a bit of bisection costs about 0.15.
+RESIDENT_MAX_N = 32768
+
+
+def resident_warps(width: int) -> int:
+    """Warps for the resident radix select on rows `width` wide: 16 up to 8192 (40
+    registers a thread on sm_90, so 3 programs an SM), then 32 (1024 threads)."""
+    return max(4, min(32, width // 512))
+
+
 # The smallest key: -inf (bits 0xFF800000, order bits 0x807FFFFF as int32) with column 0.
 NEG_KEY = ((0xFF800000 ^ 0x7FFFFFFF) - (1 << 32)) << 32
 
@@ -101,7 +119,8 @@ def radix_topk(
     dead_mask: Tensor | None = None,
     k_aux: int = 0,
     sorted: bool = True,
-    block: int | None = None,
+    resident: bool | None = None,
+    tile: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The top k of each row of a (b, n) float tensor by the Triton radix select, and with
     `dead_mask` ((n,) bool) the top k_aux among the marked columns from the same loads.
@@ -110,8 +129,12 @@ def radix_topk(
     hold the entries above the k-th value in column order, then those equal to it; ties at
     the k-th value go to the lowest columns. The main rows come largest first if `sorted`.
     k_aux must be at most the number of marked columns (not checked: counting them would
-    wait on the device). `block`: columns
-    per tile (a power of two; autotuned by default), for tests.
+    wait on the device).
+
+    Rows of up to RESIDENT_MAX_N columns are held in registers and bisected (`resident`;
+    None: where they fit), wider ones histogrammed tile by tile. `tile`: columns per tile
+    of the passes that walk the row (a power of two; by default autotuned, or 1024 for the
+    resident kernel's one pass), for tests.
     """
     if not HAS_TRITON:
         raise RuntimeError("radix_topk needs triton; select_topk runs torch.topk without it.")
@@ -143,11 +166,21 @@ def radix_topk(
     if b:
         args = (pre_acts, pre_acts.stride(0), dead_mask if has_aux else pre_acts,
                 values, indices, aux_values, aux_indices, n, k, k_aux)  # fmt: skip
-        flags = dict(PASSES=RADIX_PASSES[pre_acts.dtype], HAS_AUX=has_aux)
-        if block is None:
-            _radix_topk_tuned[(b,)](*args, **flags)
+        width = triton.next_power_of_2(n)
+        if resident is None:
+            resident = width <= RESIDENT_MAX_N
+        if resident:
+            warps = 1 if tile else resident_warps(width)
+            _resident_topk_kernel[(b,)](
+                *args, BITS=RADIX_BITS[pre_acts.dtype], HAS_AUX=has_aux, BLOCK_N=width,
+                TILE=tile or min(width, 1024), num_warps=warps,
+            )  # fmt: skip
         else:
-            _radix_topk_kernel[(b,)](*args, **flags, BLOCK_N=block, num_warps=1)
+            flags = dict(PASSES=RADIX_PASSES[pre_acts.dtype], HAS_AUX=has_aux)
+            if tile is None:
+                _radix_topk_tuned[(b,)](*args, **flags)
+            else:
+                _radix_topk_kernel[(b,)](*args, **flags, BLOCK_N=tile, num_warps=1)
     if sorted and k > 1:
         values, order = values.sort(dim=1, descending=True)
         indices = indices.gather(1, order)
@@ -235,10 +268,21 @@ if HAS_TRITON:
             if HAS_AUX:
                 digit, aux_rem = _pick_digit(aux_hist, aux_rem)
                 aux_prefix = (aux_prefix << 8) | digit.to(tl.uint32)
-        # The entries above the threshold take the first K - rem slots in column order; the
-        # first rem of those equal to it take the rest. Entries are equal where the bits the
-        # passes read are.
         low: tl.constexpr = 32 - 8 * PASSES
+        _write_selected(
+            x_row, dead_ptr, N, row, prefix, K - rem, aux_prefix, KA - aux_rem,
+            vals_ptr, idx_ptr, aux_vals_ptr, aux_idx_ptr, K, KA, low, HAS_AUX, BLOCK_N,
+        )  # fmt: skip
+
+    @triton.jit
+    def _write_selected(
+        x_row, dead_ptr, N, row, t, above_count, aux_t, aux_above_count,
+        vals_ptr, idx_ptr, aux_vals_ptr, aux_idx_ptr, K, KA,
+        SHIFT: tl.constexpr, HAS_AUX: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        """Writes a row's selections, given the K-th largest key t (keys: `_ordered_u32`
+        shifted right by SHIFT) and how many keys lie above it: those take the first slots
+        in column order, the first of those equal to t the rest. The same for aux."""
         taken = 0
         ties = 0
         aux_taken = 0
@@ -247,25 +291,26 @@ if HAS_TRITON:
             cols = start + tl.arange(0, BLOCK_N)
             valid = cols < N
             x = tl.load(x_row + cols, mask=valid, other=0.0)
-            top = _ordered_u32(x) >> low
-            above = valid & (top > prefix)
-            equal = valid & (top == prefix)
-            slot = taken + tl.cumsum(above.to(tl.int32), 0) - 1
-            tie = ties + tl.cumsum(equal.to(tl.int32), 0)  # 1 for the first equal entry
-            slot = tl.where(above, slot, K - rem + tie - 1)
-            keep = above | (equal & (tie <= rem))
+            key = _ordered_u32(x) >> SHIFT
+            above = valid & (key > t)
+            equal = valid & (key == t)
+            # One scan for both ranks: < K entries lie above t, at most 65,535 tie per tile.
+            ranks = tl.cumsum((above.to(tl.int32) << 16) | equal.to(tl.int32), 0)
+            tie = ties + (ranks & 0xFFFF)  # 1 for the row's first equal entry
+            slot = tl.where(above, taken + (ranks >> 16) - 1, above_count + tie - 1)
+            keep = above | (equal & (tie <= K - above_count))
             tl.store(vals_ptr + row * K + slot, x, mask=keep)
             tl.store(idx_ptr + row * K + slot, cols.to(tl.int64), mask=keep)
             taken += tl.sum(above.to(tl.int32), 0)
             ties += tl.sum(equal.to(tl.int32), 0)
             if HAS_AUX:
                 dead = valid & (tl.load(dead_ptr + cols, mask=valid, other=0) != 0)
-                above = dead & (top > aux_prefix)
-                equal = dead & (top == aux_prefix)
-                slot = aux_taken + tl.cumsum(above.to(tl.int32), 0) - 1
-                tie = aux_ties + tl.cumsum(equal.to(tl.int32), 0)
-                slot = tl.where(above, slot, KA - aux_rem + tie - 1)
-                keep = above | (equal & (tie <= aux_rem))
+                above = dead & (key > aux_t)
+                equal = dead & (key == aux_t)
+                ranks = tl.cumsum((above.to(tl.int32) << 16) | equal.to(tl.int32), 0)
+                tie = aux_ties + (ranks & 0xFFFF)
+                slot = tl.where(above, aux_taken + (ranks >> 16) - 1, aux_above_count + tie - 1)
+                keep = above | (equal & (tie <= KA - aux_above_count))
                 tl.store(aux_vals_ptr + row * KA + slot, x, mask=keep)
                 tl.store(aux_idx_ptr + row * KA + slot, cols.to(tl.int64), mask=keep)
                 aux_taken += tl.sum(above.to(tl.int32), 0)
@@ -279,9 +324,7 @@ if HAS_TRITON:
     RADIX_CONFIGS = [
         triton.Config({"BLOCK_N": block}, num_warps=warps)
         for block, warps in (
-            ((16, 1), (32, 1))
-            if _INTERPRETED
-            else ((512, 4), (1024, 8), (2048, 16), (4096, 16))
+            ((16, 1), (32, 1)) if _INTERPRETED else ((512, 4), (1024, 8), (2048, 16), (4096, 16))
         )
     ]
     _radix_topk_tuned = triton.autotune(
@@ -289,3 +332,41 @@ if HAS_TRITON:
         key=["N", "PASSES", "HAS_AUX"],
         do_bench=_host_bench if _INTERPRETED else None,
     )(_radix_topk_kernel)
+
+    @triton.jit
+    def _bisect(key, K, BITS: tl.constexpr):
+        """The K-th largest of a row of uint32 keys below 2**BITS (keys of 0 never count),
+        fixed a bit at a time from the top, and how many keys lie above it."""
+        t = tl.full([], 0, tl.uint32)
+        one = tl.full([], 1, tl.uint32)
+        for i in range(BITS):
+            candidate = t | (one << (BITS - 1 - i))
+            count = tl.sum((key >= candidate).to(tl.int32), 0)
+            t = tl.where(count >= K, candidate, t)
+        return t, tl.sum((key > t).to(tl.int32), 0)
+
+    @triton.jit
+    def _resident_topk_kernel(
+        x_ptr, stride_x, dead_ptr, vals_ptr, idx_ptr, aux_vals_ptr, aux_idx_ptr, N, K, KA,
+        BITS: tl.constexpr, HAS_AUX: tl.constexpr, BLOCK_N: tl.constexpr,
+        TILE: tl.constexpr,
+    ):  # fmt: skip
+        """One program per row, its keys held in registers: the K-th largest (and the KA-th
+        largest dead) by bisection on the keys' bits, a row reduction a bit, then the
+        entries written in TILE-wide tiles."""
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * stride_x
+        cols = tl.arange(0, BLOCK_N)
+        valid = cols < N
+        key = _ordered_u32(tl.load(x_row + cols, mask=valid, other=0.0)) >> 32 - BITS
+        key = tl.where(valid, key, 0)
+        t, above = _bisect(key, K, BITS)
+        aux_t = t
+        aux_above = above
+        if HAS_AUX:
+            dead = tl.load(dead_ptr + cols, mask=valid, other=0) != 0
+            aux_t, aux_above = _bisect(tl.where(dead, key, 0), KA, BITS)
+        _write_selected(
+            x_row, dead_ptr, N, row, t, above, aux_t, aux_above,
+            vals_ptr, idx_ptr, aux_vals_ptr, aux_idx_ptr, K, KA, 32 - BITS, HAS_AUX, TILE,
+        )  # fmt: skip

@@ -423,10 +423,13 @@ def test_cpu_encoder_chunks_rows_and_matches_the_reference(packed, monkeypatch):
 RADIX_DTYPES = DTYPES | {"fp16": torch.float16}
 
 
-def check_radix(pre_acts, k, dead_mask=None, k_aux=0, block=16):
+RADIX_METHODS = {"resident": True, "histogram": False}
+
+
+def check_radix(pre_acts, k, dead_mask=None, k_aux=0, resident=True, tile=16):
     """radix_topk against torch.topk: the same values (main rows in order), entries that hold
     them, no column twice, and aux entries among the dead; returns radix_topk's outputs."""
-    got = radix_topk(pre_acts, k, dead_mask, k_aux, block=block)
+    got = radix_topk(pre_acts, k, dead_mask, k_aux, resident=resident, tile=tile)
     want = radix_topk_reference(pre_acts, k, dead_mask, k_aux)
     values, indices, aux_values, aux_indices = got
     assert torch.equal(values, want[0])
@@ -440,21 +443,27 @@ def check_radix(pre_acts, k, dead_mask=None, k_aux=0, block=16):
 
 
 @pytest.mark.skipif(not TRITON_RUNS_HERE, reason="needs CUDA or Triton's interpreter")
-@pytest.mark.parametrize("n, block", [(100, 16), (64, None)], ids=["100-tiles-16", "64-tuned"])
-@pytest.mark.parametrize("dtype", RADIX_DTYPES.values(), ids=RADIX_DTYPES.keys())
-def test_radix_topk_matches_torch_topk_with_auxk(dtype, n, block):
-    # Width not a power of two in 7 tiles a row; a power of two in the autotuner's tiles;
+@pytest.mark.parametrize(
+    "dtype, n, tile",
+    [*((dtype, 100, 16) for dtype in RADIX_DTYPES.values()), (torch.bfloat16, 64, None)],
+    ids=[*(f"{name}-100-tiles-16" for name in RADIX_DTYPES), "bf16-64-default-tiles"],
+)
+@pytest.mark.parametrize("method", RADIX_METHODS.values(), ids=RADIX_METHODS.keys())
+def test_radix_topk_matches_torch_topk_with_auxk(method, dtype, n, tile):
+    # Rows in registers (bisected) or in memory (histograms); width not a power of two in
+    # 7 tiles, or a power of two in the default tiles (the histogram's autotuned);
     # k = 1 and k = n; aux among 40% dead columns, k_aux up to all of them.
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    kw = dict(resident=method, tile=tile)
     gen = torch.Generator().manual_seed(n)
     pre_acts = torch.randn(6, n, generator=gen).to(device, dtype)
     dead_mask = (torch.rand(n, generator=gen) < 0.4).to(device)
     dead = int(dead_mask.sum())
     for k, k_aux in ((1, 1), (7, dead), (n, 5)):
-        check_radix(pre_acts, k, dead_mask, k_aux, block)
-    values, indices, aux_values, _ = check_radix(pre_acts, 3, block=block)  # no aux
+        check_radix(pre_acts, k, dead_mask, k_aux, **kw)
+    values, indices, aux_values, _ = check_radix(pre_acts, 3, **kw)  # no aux
     assert aux_values.shape == (6, 0)
-    unsorted = radix_topk(pre_acts, 3, sorted=False, block=block)
+    unsorted = radix_topk(pre_acts, 3, sorted=False, **kw)
     above, tie = unsorted[1][:, :2], unsorted[1][:, 2]  # above the 3rd value, then the 3rd
     assert torch.equal(above, above.sort(1).values) and torch.equal(tie, indices[:, 2])
     assert torch.equal(unsorted[1].sort(1).values, indices.sort(1).values)
@@ -462,7 +471,8 @@ def test_radix_topk_matches_torch_topk_with_auxk(dtype, n, block):
 
 @pytest.mark.skipif(not TRITON_RUNS_HERE, reason="needs CUDA or Triton's interpreter")
 @pytest.mark.parametrize("dtype", RADIX_DTYPES.values(), ids=RADIX_DTYPES.keys())
-def test_radix_topk_gives_ties_to_the_lowest_columns(dtype):
+@pytest.mark.parametrize("method", RADIX_METHODS.values(), ids=RADIX_METHODS.keys())
+def test_radix_topk_gives_ties_to_the_lowest_columns(method, dtype):
     # Rows of few distinct values (the k-th largest ties with many), -0.0 among +0.0, a row
     # of -inf, a row all equal: the entries above the k-th value, then its lowest columns.
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -474,7 +484,8 @@ def test_radix_topk_gives_ties_to_the_lowest_columns(dtype):
     pre_acts = pre_acts.to(device)
     dead_mask = (torch.rand(70, generator=gen) < 0.5).to(device)
     for k in (1, 9, 40, 70):
-        values, indices, aux_values, aux_indices = check_radix(pre_acts, k, dead_mask, 11)
+        got = check_radix(pre_acts, k, dead_mask, 11, resident=method)
+        values, indices, aux_values, aux_indices = got
         selections = ((values, indices, slice(None)), (aux_values, aux_indices, dead_mask))
         for row in range(5):
             for v, i, cols in selections:
@@ -964,13 +975,16 @@ def test_kernels_at_a_training_batch_on_gpu(dtype, selection, major, monkeypatch
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", RADIX_DTYPES.values(), ids=RADIX_DTYPES.keys())
-def test_radix_topk_at_training_width_on_gpu(dtype):
-    # The compiled, autotuned kernel on 4096 x 24576 pre-activations: the same values as
-    # torch.topk, exactly (both select; nothing is summed), with a wide AuxK among 10% dead.
+@pytest.mark.parametrize("method", RADIX_METHODS.values(), ids=RADIX_METHODS.keys())
+def test_radix_topk_at_training_width_on_gpu(method, dtype):
+    # The compiled kernels with their own tiles on 4096 x 24576 pre-activations: the same
+    # values as torch.topk, exactly (both select; nothing is summed), with a wide AuxK among
+    # 10% dead. Also 40,000 columns: past RESIDENT_MAX_N the histograms serve either way.
     gen = torch.Generator().manual_seed(0)
-    pre_acts = torch.randn(4096, 24576, generator=gen).cuda().to(dtype)
-    dead_mask = (torch.rand(24576, generator=gen) < 0.1).cuda()
-    check_radix(pre_acts, 32, dead_mask, 512, block=None)
+    for n in (24576, 40000):
+        pre_acts = torch.randn(2048 if n > 32768 else 4096, n, generator=gen).cuda().to(dtype)
+        dead_mask = (torch.rand(n, generator=gen) < 0.1).cuda()
+        check_radix(pre_acts, 32, dead_mask, 512, resident=method and n <= 32768, tile=None)
 
 
 @pytest.mark.gpu
