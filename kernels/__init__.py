@@ -11,7 +11,8 @@ these kernels a training step costs about one dense matmul, the encoder's forwar
     optimizer.step(); normalize_decoder_(W_dec)
 
 or, for the decoder, the three in one pass: `decoder_adam_step_` (what `saetrain.optim.
-DecoderNormAdam` runs where the Triton kernels do).
+DecoderNormAdam` runs where the Triton kernels do). The selection alone: `select_topk` (the
+device's fastest path) and `radix_topk` (Triton; the top k and AuxK's k_aux from one read).
 
 Backend: Triton on CUDA tensors, the fastest torch path elsewhere, chosen at import;
 override with SAETRAIN_KERNELS=auto|triton|torch or `set_backend`.
@@ -34,6 +35,7 @@ from .decoder_norm import (
     project_decoder_grad_reference,
 )
 from .encode import EncodeOutput, EncodeTopkFunction, encode_topk, encode_topk_reference
+from .topk import radix_topk, radix_topk_reference, select_topk
 
 __all__ = [
     "DecodeFunction",
@@ -52,5 +54,8 @@ __all__ = [
     "normalize_decoder_reference",
     "project_decoder_grad_",
     "project_decoder_grad_reference",
+    "radix_topk",
+    "radix_topk_reference",
+    "select_topk",
     "set_backend",
 ]
