@@ -231,16 +231,18 @@ def bench_steps(args, dtype_name: str) -> None:
             decode(acts, idx, p_floor["W_enc"])
 
     fns["forward decode alone"] = forward_decode
+    # (name, forward, sparse kernels, LATENT_MAJOR, radix select); None: as set.
     steps = [
-        ("dense autograd step", dense_step, False, None),
-        ("kernel step", kernel_step, True, None),
+        ("dense autograd step", dense_step, False, None, None),
+        ("kernel step", kernel_step, True, None, None),
     ]
-    if triton_runs(args.device):
-        steps[1] = ("kernel step (fused)", fused_kernel_step, True, None)
-        steps.append(("kernel step (matmul+topk)", unfused_kernel_step, True, False))
-        steps.append(("kernel step (latent-major)", unfused_kernel_step, True, True))
-    for name, forward, sparse, major in steps:
-        radix = False if name == "kernel step (matmul+topk)" else None
+    if triton_runs(args.device):  # each untimed switch alone, then all of them at once
+        steps[1] = ("kernel step (fused)", fused_kernel_step, True, None, None)
+        steps.append(("kernel step (matmul+topk)", unfused_kernel_step, True, False, False))
+        steps.append(("kernel step (matmul+radix)", unfused_kernel_step, True, False, True))
+        steps.append(("kernel step (latent-major)", unfused_kernel_step, True, True, False))
+        steps.append(("kernel step (latent+radix)", unfused_kernel_step, True, True, True))
+    for name, forward, sparse, major, radix in steps:
         p = make_sae(d_in, N, args.device)
         if sparse:
             opt = DecoderNormAdam(p.values(), decoders=[p["W_dec"]], lr=1e-4, fused=True)
@@ -249,12 +251,6 @@ def bench_steps(args, dtype_name: str) -> None:
         fns[name] = make_train_step(
             forward, p, opt, x, args.k, dead_mask, k_aux, autocast_dtype, sparse, major, radix
         )
-        if name == "kernel step (matmul+topk)":  # and with the radix select
-            p = make_sae(d_in, N, args.device)
-            opt = DecoderNormAdam(p.values(), decoders=[p["W_dec"]], lr=1e-4, fused=True)
-            fns["kernel step (matmul+radix)"] = make_train_step(
-                forward, p, opt, x, args.k, dead_mask, k_aux, autocast_dtype, sparse, major, True
-            )
     times = best_times(fns, args.rounds)
     if args.profile:
         profile(fns, args.profile)

@@ -14,8 +14,9 @@
 # True if the step row is faster), "decoder optimizer step: one pass is N x the speed of the
 # 3 ops" (saetrain/optim.py FUSE_WHERE_TRITON, on: False if N < 1), "top-k: radix is N x
 # the speed of torch.topk" with the "kernel step (matmul+radix)" row (kernels/topk.py
-# RADIX_DEVICES: add "cuda" if both are faster), and the "autotuned" lines (the tiles each
-# kernel chose).
+# RADIX_DEVICES: add "cuda" if both are faster), "kernel step (latent+radix)" (both
+# switches at once, as the defaults would be if both win), and the "autotuned" lines (the
+# tiles each kernel chose).
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
