@@ -452,7 +452,7 @@ def check_radix(pre_acts, k, dead_mask=None, k_aux=0, resident=True, tile=16):
 def test_triton_radix_topk_matches_torch_topk_with_auxk(method, dtype, n, tile):
     # Rows in registers (bisected) or in memory (histograms); width not a power of two in
     # 7 tiles, or a power of two in the default tiles (the histogram's autotuned);
-    # k = 1 and k = n; aux among 40% dead columns, k_aux up to all of them.
+    # k = 1 and k = n; aux among 40% dead columns, k_aux up to all of them, or among all.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     kw = dict(resident=method, tile=tile)
     gen = torch.Generator().manual_seed(n)
@@ -461,6 +461,9 @@ def test_triton_radix_topk_matches_torch_topk_with_auxk(method, dtype, n, tile):
     dead = int(dead_mask.sum())
     for k, k_aux in ((1, 1), (7, dead), (n, 5)):
         check_radix(pre_acts, k, dead_mask, k_aux, **kw)
+    every = torch.ones(n, dtype=torch.bool, device=device)  # all dead: aux among all
+    _, indices, _, aux_indices = check_radix(pre_acts, 5, every, n - 1, **kw)
+    assert torch.isin(indices, aux_indices).all()
     values, indices, aux_values, _ = check_radix(pre_acts, 3, **kw)  # no aux
     assert aux_values.shape == (6, 0)
     unsorted = radix_topk(pre_acts, 3, sorted=False, **kw)
