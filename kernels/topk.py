@@ -1,4 +1,5 @@
-"""Row-wise top-k selection: a grouped torch path for CPU, and Triton helpers for fusion.
+"""Row-wise top-k selection: a grouped torch path for CPU, a Triton radix select for rows
+already in memory, and Triton helpers for fusing the selection into the encoder's matmul.
 
 CPU: `select_topk` first takes the max of each group of G columns (c, c + n/G, ...: a
 vectorised pass), keeps the k groups with the largest maxima (they hold the k largest
@@ -169,6 +170,11 @@ def radix_topk(
         width = triton.next_power_of_2(n)
         if resident is None:
             resident = width <= RESIDENT_MAX_N
+        elif resident and width > RESIDENT_MAX_N:
+            raise ValueError(
+                f"radix_topk: rows of {n} columns do not fit in registers (resident=True "
+                f"takes at most {RESIDENT_MAX_N}); pass resident=None or False."
+            )
         if resident:
             warps = 1 if tile else resident_warps(width)
             _resident_topk_kernel[(b,)](

@@ -510,6 +510,7 @@ def test_triton_radix_topk_rejects_bad_input_in_one_line():
         (lambda: radix_topk(pre_acts.double(), 2), "torch.float64"),
         (lambda: radix_topk(pre_acts, 2, torch.ones(19, dtype=torch.bool), 2), "(20,) bool"),
         (lambda: radix_topk(pre_acts, 2, torch.ones(20), 2), "torch.float32"),
+        (lambda: radix_topk(torch.randn(1, 40000), 2, resident=True), "at most 32768"),
     ):
         with pytest.raises(ValueError, match=None) as err:
             call()
