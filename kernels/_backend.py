@@ -5,6 +5,10 @@ everything else. `triton` forces the Triton kernels; on CPU tensors that needs T
 interpreter (`TRITON_INTERPRET=1` set before `triton` is first imported: slow, for tests).
 `torch` forces the torch path. Choose with the `SAETRAIN_KERNELS` environment variable, or
 with `set_backend` (tests).
+
+`SAETRAIN_KERNEL_OPTIONS` (comma-separated, read at import) flips the defaults of the GPU
+choices that wait on a GPU measurement (`OPTIONS`), so they can be tried without editing
+code: `SAETRAIN_KERNEL_OPTIONS=radix,latent-major python -m saetrain fit ...`.
 """
 
 from __future__ import annotations
@@ -37,6 +41,33 @@ def _checked(name: str, source: str) -> str:
 
 
 _backend = _checked(os.environ.get(ENV_VAR, "auto"), f"the {ENV_VAR} environment variable")
+
+OPTIONS_VAR = "SAETRAIN_KERNEL_OPTIONS"
+# Each flips a default that `scripts/gpu_check.sh` is to decide (see where each is set).
+OPTIONS = {
+    "radix": "the radix-select top-k on CUDA (kernels/topk.py RADIX_DEVICES)",
+    "latent-major": "weight-gradient rows summed latent-major (kernels/sparse_ops.py LATENT_MAJOR)",
+    "fused-encoder": "the fused matmul + top-k encoder on CUDA (kernels/encode.py FUSE_ON_CUDA)",
+    "grouped-topk": "the grouped top-k on CUDA too (kernels/topk.py GROUPED_DEVICES)",
+    "unfused-optimizer": "the decoder's step as three ops (saetrain/optim.py FUSE_WHERE_TRITON)",
+}
+
+
+def kernel_options(text: str, source: str) -> frozenset[str]:
+    """The option names in a comma-separated `text`; a one-line ValueError names unknown ones."""
+    names = {name.strip().lower() for name in text.split(",") if name.strip()}
+    unknown = sorted(names - OPTIONS.keys())
+    if unknown:
+        raise ValueError(
+            f"{source} names {', '.join(map(repr, unknown))}; choose among "
+            f"{', '.join(OPTIONS)} (comma-separated)."
+        )
+    return frozenset(names)
+
+
+KERNEL_OPTIONS = kernel_options(
+    os.environ.get(OPTIONS_VAR, ""), f"the {OPTIONS_VAR} environment variable"
+)
 
 
 def set_backend(name: str) -> str:

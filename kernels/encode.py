@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import CPU_FAST_HALF_MATMUL, HAS_TRITON, use_triton
+from ._backend import CPU_FAST_HALF_MATMUL, HAS_TRITON, KERNEL_OPTIONS, use_triton
 from .sparse_ops import (
     _pow2,
     autocast_dtype,
@@ -106,7 +106,7 @@ MAX_FUSED_K = 128
 # pre-activations costs far less than the fused kernel's merges lose against cuBLAS's
 # matmul. So cuBLAS + topk is the default; the fused kernel stays for wider SAEs or
 # smaller memory, tested against the reference like the rest.
-FUSE_ON_CUDA = False
+FUSE_ON_CUDA = "fused-encoder" in KERNEL_OPTIONS  # off unless SAETRAIN_KERNEL_OPTIONS says
 # Under Triton's CPU interpreter the fused kernel runs whatever FUSE_ON_CUDA says, so the
 # tests check it; False sends the interpreter down CUDA's default path instead.
 FUSE_UNDER_INTERPRETER = True

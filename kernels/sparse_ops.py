@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import HAS_TRITON, triton_interpreted, use_triton
+from ._backend import HAS_TRITON, KERNEL_OPTIONS, triton_interpreted, use_triton
 
 if HAS_TRITON:
     import triton
@@ -396,7 +396,7 @@ def compact_rows(indices: Tensor, num_rows: int) -> Compact | None:
 # L2-resident) once per entry. Off until a GPU run of `benchmarks/bench_kernels.py --parts`
 # ("decoder: latent-major is N x token-major") says it pays: session 2's first sorted
 # version, one program per (row, 128 columns) with no tl.dot, measured 2.3-3x slower.
-LATENT_MAJOR = False
+LATENT_MAJOR = "latent-major" in KERNEL_OPTIONS  # off unless SAETRAIN_KERNEL_OPTIONS says
 
 
 class Segments(NamedTuple):

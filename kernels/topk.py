@@ -32,14 +32,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._backend import HAS_TRITON, use_triton
+from ._backend import HAS_TRITON, KERNEL_OPTIONS, use_triton
 
 # Where `select_topk` groups. Measured on CPU (above); on CUDA torch.topk stays until a GPU
 # run of `benchmarks/bench_kernels.py --parts` (its "top-k" rows) says grouping pays there.
-GROUPED_DEVICES = frozenset({"cpu"})
+GROUPED_DEVICES = frozenset({"cpu", "cuda"} if "grouped-topk" in KERNEL_OPTIONS else {"cpu"})
 # Where `select_topk` (and the CUDA encoder's selection) runs the radix-select kernel when the
-# Triton kernels run there (see above). Empty: not yet timed on a GPU.
-RADIX_DEVICES: frozenset[str] = frozenset()
+# Triton kernels run there (see above). Empty: not yet timed on a GPU (the "radix" option).
+RADIX_DEVICES = frozenset({"cuda"} if "radix" in KERNEL_OPTIONS else ())
 # Bits that can differ between values of each input dtype as fp32 (bf16: the top 16; fp16:
 # sign, exponent and 10 mantissa bits), and the 8-bit digit passes that cover them.
 RADIX_BITS = {torch.float32: 32, torch.float16: 19, torch.bfloat16: 16}

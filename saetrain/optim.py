@@ -23,13 +23,13 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .kernels._backend import use_triton
+from .kernels._backend import KERNEL_OPTIONS, use_triton
 from .sae import _local
 
 # Fuse the decoder's step where the Triton kernels run. The fused kernel moves 28 of the 48
 # bytes per parameter that projection + Adam + renormalisation move; it has not yet been timed
 # against them on a GPU (benchmarks/bench_kernels.py --parts prints both: scripts/gpu_check.sh).
-FUSE_WHERE_TRITON = True
+FUSE_WHERE_TRITON = "unfused-optimizer" not in KERNEL_OPTIONS
 
 
 def _is_zero(lr: float | Tensor) -> bool:

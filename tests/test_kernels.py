@@ -672,6 +672,29 @@ def test_an_unknown_backend_in_the_environment_fails_at_import():
     assert "SAETRAIN_KERNELS environment variable is 'fast'" in result.stderr
 
 
+def test_kernel_options_in_the_environment_flip_the_untimed_defaults():
+    # Each option flips its switch at import; an unknown name fails there, in one line.
+    script = (
+        "import saetrain.kernels.topk as t, saetrain.kernels.sparse_ops as s, "
+        "saetrain.kernels.encode as e, saetrain.optim as o; "
+        "print(sorted(t.RADIX_DEVICES), sorted(t.GROUPED_DEVICES), s.LATENT_MAJOR, "
+        "e.FUSE_ON_CUDA, o.FUSE_WHERE_TRITON)"
+    )
+
+    def run(options):
+        env = {**os.environ, "SAETRAIN_KERNEL_OPTIONS": options}
+        command = [sys.executable, "-c", script]
+        return subprocess.run(command, env=env, capture_output=True, text=True)
+
+    assert run("").stdout.split("\n")[0] == "[] ['cpu'] False False True"
+    every = "radix, Latent-Major,fused-encoder,grouped-topk,unfused-optimizer"
+    assert run(every).stdout.split("\n")[0] == "['cuda'] ['cpu', 'cuda'] True True False"
+    bad = run("radix,fast-path")
+    assert bad.returncode != 0
+    last = bad.stderr.strip().splitlines()[-1]
+    assert "SAETRAIN_KERNEL_OPTIONS environment variable names 'fast-path'; choose" in last
+
+
 def scatter_sum(values, indices, vectors, num_rows):
     """fp64 sum of values[b, j] * vectors[b] into row indices[b, j]: (num_rows, d)."""
     rows = values.double().unsqueeze(-1) * vectors.double().unsqueeze(1)  # (B, k, d)
