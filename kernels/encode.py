@@ -207,29 +207,29 @@ def _encode_torch(x, W_enc, b_enc, k, dead_mask, k_aux, dead_ids) -> EncodeOutpu
             pre_acts = torch.ops.mkl._mkl_linear(x[start:end], W_packed, W_enc, b_enc, chunk)
         else:
             pre_acts = torch.addmm(b_enc, x[start:end], W_enc.t(), out=buffer[: end - start])
-        if radix_applies(pre_acts) and not (k_aux and k_aux == dead_ids.numel()):
-            # The radix select takes the aux histograms from the main selection's loads.
+        every_dead_is_aux = k_aux and k_aux == dead_ids.numel()
+        if radix_applies(pre_acts) and not every_dead_is_aux:
+            # The radix select takes the aux selection from the main selection's loads.
             values, indices[start:end], aux_values, aux_indices[start:end] = radix_topk(
                 pre_acts, k, dead_mask, k_aux
             )
             acts[start:end] = values.relu()
             aux_acts[start:end] = aux_values.relu()
-            del pre_acts
-            continue
-        values, indices[start:end] = select_topk(pre_acts, k)
-        acts[start:end] = values.relu()
-        # Aux rows are left unsorted: sorting k_aux=288 of ~800 costs as much as selecting.
-        if k_aux and k_aux == dead_ids.numel():  # every dead latent is an aux latent
-            aux_indices[start:end] = dead_ids
-            aux_acts[start:end] = pre_acts.index_select(1, dead_ids).relu_()
-        elif k_aux and 2 * dead_ids.numel() <= N:  # few dead: select among their columns
-            values, local = select_topk(pre_acts.index_select(1, dead_ids), k_aux, False)
-            aux_indices[start:end] = dead_ids[local]
-            aux_acts[start:end] = values.relu()
-        elif k_aux:
-            pre_acts.masked_fill_(~dead_mask, float("-inf"))
-            values, aux_indices[start:end] = select_topk(pre_acts, k_aux, False)
-            aux_acts[start:end] = values.relu()
+        else:
+            values, indices[start:end] = select_topk(pre_acts, k)
+            acts[start:end] = values.relu()
+            # Aux rows are left unsorted: sorting k_aux=288 of ~800 costs as much as selecting.
+            if every_dead_is_aux:
+                aux_indices[start:end] = dead_ids
+                aux_acts[start:end] = pre_acts.index_select(1, dead_ids).relu_()
+            elif k_aux and 2 * dead_ids.numel() <= N:  # few dead: select among their columns
+                values, local = select_topk(pre_acts.index_select(1, dead_ids), k_aux, False)
+                aux_indices[start:end] = dead_ids[local]
+                aux_acts[start:end] = values.relu()
+            elif k_aux:
+                pre_acts.masked_fill_(~dead_mask, float("-inf"))
+                values, aux_indices[start:end] = select_topk(pre_acts, k_aux, False)
+                aux_acts[start:end] = values.relu()
         del pre_acts  # before the next chunk's is allocated: the allocator can reuse it
     return EncodeOutput(acts, indices, aux_acts, aux_indices)
 

@@ -248,7 +248,7 @@ if HAS_TRITON:
         """One program per row: the K largest (and the KA largest dead) by radix select."""
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * stride_x
-        prefix = tl.program_id(0).to(tl.uint32) * 0  # the digits fixed so far
+        prefix = tl.full([], 0, tl.uint32)  # the digits fixed so far
         aux_prefix = prefix
         rem = K  # entries still to take among those with the prefix
         aux_rem = KA
@@ -260,10 +260,10 @@ if HAS_TRITON:
                 valid = cols < N
                 key = _ordered_u32(tl.load(x_row + cols, mask=valid, other=0.0))
                 digits = ((key >> 24 - 8 * p) & 255).to(tl.int32)
-                if p == 0:
-                    hist += tl.histogram(digits, 256, mask=valid)
-                else:
-                    hist += tl.histogram(digits, 256, mask=valid & ((key >> 32 - 8 * p) == prefix))
+                match = valid  # the entries whose higher digits are the prefix
+                if p > 0:
+                    match = match & ((key >> 32 - 8 * p) == prefix)
+                hist += tl.histogram(digits, 256, mask=match)
                 if HAS_AUX:
                     dead = valid & (tl.load(dead_ptr + cols, mask=valid, other=0) != 0)
                     if p > 0:
@@ -298,29 +298,31 @@ if HAS_TRITON:
             valid = cols < N
             x = tl.load(x_row + cols, mask=valid, other=0.0)
             key = _ordered_u32(x) >> SHIFT
-            above = valid & (key > t)
-            equal = valid & (key == t)
-            # One scan for both ranks: < K entries lie above t, at most 65,535 tie per tile.
-            ranks = tl.cumsum((above.to(tl.int32) << 16) | equal.to(tl.int32), 0)
-            tie = ties + (ranks & 0xFFFF)  # 1 for the row's first equal entry
-            slot = tl.where(above, taken + (ranks >> 16) - 1, above_count + tie - 1)
-            keep = above | (equal & (tie <= K - above_count))
-            tl.store(vals_ptr + row * K + slot, x, mask=keep)
-            tl.store(idx_ptr + row * K + slot, cols.to(tl.int64), mask=keep)
-            taken += tl.sum(above.to(tl.int32), 0)
-            ties += tl.sum(equal.to(tl.int32), 0)
+            taken, ties = _write_tile(
+                x, key, cols, valid, t, above_count, taken, ties,
+                vals_ptr + row * K, idx_ptr + row * K, K,
+            )  # fmt: skip
             if HAS_AUX:
                 dead = valid & (tl.load(dead_ptr + cols, mask=valid, other=0) != 0)
-                above = dead & (key > aux_t)
-                equal = dead & (key == aux_t)
-                ranks = tl.cumsum((above.to(tl.int32) << 16) | equal.to(tl.int32), 0)
-                tie = aux_ties + (ranks & 0xFFFF)
-                slot = tl.where(above, aux_taken + (ranks >> 16) - 1, aux_above_count + tie - 1)
-                keep = above | (equal & (tie <= KA - aux_above_count))
-                tl.store(aux_vals_ptr + row * KA + slot, x, mask=keep)
-                tl.store(aux_idx_ptr + row * KA + slot, cols.to(tl.int64), mask=keep)
-                aux_taken += tl.sum(above.to(tl.int32), 0)
-                aux_ties += tl.sum(equal.to(tl.int32), 0)
+                aux_taken, aux_ties = _write_tile(
+                    x, key, cols, dead, aux_t, aux_above_count, aux_taken, aux_ties,
+                    aux_vals_ptr + row * KA, aux_idx_ptr + row * KA, KA,
+                )  # fmt: skip
+
+    @triton.jit
+    def _write_tile(x, key, cols, mask, t, above_count, taken, ties, vals_ptr, idx_ptr, K):
+        """One tile of `_write_selected` for one selection (entries where `mask` holds);
+        returns the running counts of entries above t and equal to it."""
+        above = mask & (key > t)
+        equal = mask & (key == t)
+        # One scan for both ranks: < K entries lie above t, at most 65,535 tie per tile.
+        ranks = tl.cumsum((above.to(tl.int32) << 16) | equal.to(tl.int32), 0)
+        tie = ties + (ranks & 0xFFFF)  # 1 for the row's first equal entry
+        slot = tl.where(above, taken + (ranks >> 16) - 1, above_count + tie - 1)
+        keep = above | (equal & (tie <= K - above_count))
+        tl.store(vals_ptr + slot, x, mask=keep)
+        tl.store(idx_ptr + slot, cols.to(tl.int64), mask=keep)
+        return taken + tl.sum(above.to(tl.int32), 0), ties + tl.sum(equal.to(tl.int32), 0)
 
     # Columns per tile and warps, autotuned on the first call for each width and dtype: the
     # tiles that leave the most warps resident on sm_90 (benchmarks/kernel_resources.py:
