@@ -308,6 +308,7 @@ commands:
   steer      answer one prompt with and without steering, side by side (--sae DIR --features [ID])
   eval-refusal  refusal rates on unsafe/safe prompts for a sweep of strengths, with plots
   eval-capability  lm-eval scores (MMLU, GSM8K, TruthfulQA) and loss under each strength
+  tune-kernels  time the Triton kernels' alternatives on this GPU; `fit` uses the fastest
 
 Run `python -m saetrain COMMAND --help` for a command's options.
 """
@@ -325,6 +326,7 @@ COMMANDS = {
     "eval-capability": lambda a: __import__(
         "saetrain.steering", fromlist=["_"]
     ).run_eval_capability(a),
+    "tune-kernels": lambda a: __import__("saetrain.tuning", fromlist=["_"]).run_tune(a),
 }
 
 

@@ -25,6 +25,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.regression import ExplainedVariance
@@ -349,6 +350,13 @@ class SAEModule(L.LightningModule):
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
                 t /= dist.get_world_size()
         return scale, b_dec
+
+    def on_fit_start(self) -> None:
+        # The kernel choices `python -m saetrain tune-kernels` stored for this GPU model (each
+        # process sets its own; rank 0 says which).
+        from .tuning import use_stored
+
+        use_stored(self.device, log=rank_zero_info)
 
     def on_train_end(self) -> None:
         """Check that every rank holds the same dead-latent counters (they are all-reduced)."""

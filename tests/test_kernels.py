@@ -941,6 +941,112 @@ def test_every_test_that_needs_triton_says_so_in_its_name():
     assert [name for name in gated if "triton" not in name] == []
 
 
+# ---------------------------------------------------------------- tune-kernels
+
+# A step's cost under a clock that charges each switch that is on (see `cost_clock`).
+SWITCH_COSTS = {
+    "fused-encoder": 0.5, "radix": -0.2, "grouped-topk": 0.0, "latent-major": -0.1,
+    "fused-optimizer": 0.01,
+}  # fmt: skip
+
+
+def cost_clock(costs: dict, ran: list):
+    """A `tuning.Clock` that runs one real step of each config, then reports `costs`."""
+
+    def clock(configs, run, rounds):
+        for choices in configs.values():
+            run(choices)
+            ran.append(dict(choices))
+        return {n: 1 + sum(costs[s] for s, on in c.items() if on) for n, c in configs.items()}
+
+    return clock
+
+
+def tune_tiny(monkeypatch, costs, ran):
+    """`tuning.tune` on a tiny bf16 SAE under the interpreter, from CUDA's default choices."""
+    from saetrain import optim, tuning
+
+    monkeypatch.setattr(encode_module, "FUSE_UNDER_INTERPRETER", False)  # CUDA's path
+    monkeypatch.setattr(topk_module, "RADIX_DEVICES", frozenset())
+    monkeypatch.setattr(topk_module, "GROUPED_DEVICES", frozenset({"cpu"}))
+    monkeypatch.setattr(sparse_ops, "LATENT_MAJOR", False)
+    monkeypatch.setattr(optim, "FUSE_WHERE_TRITON", True)
+    cfg = tuning.TuneConfig(d_in=16, num_latents=128, k=4, batch=16, dead_fraction=0.2)
+    lines = []
+    previous = set_backend("triton")
+    try:
+        before = tuning.current("cpu")
+        entry = tuning.tune(cfg, "cpu", clock=cost_clock(costs, ran), log=lines.append)
+    finally:
+        set_backend(previous)
+    assert tuning.current("cpu") == before  # tuning leaves the choices as they were
+    return before, entry, "\n".join(lines)
+
+
+@pytest.mark.skipif(not TRITON_RUNS_HERE, reason="see test_triton_cases_pass_in_a_fresh_...")
+def test_triton_tune_keeps_each_flip_that_is_faster_by_the_margin(monkeypatch):
+    ran = []
+    start, entry, log = tune_tiny(monkeypatch, SWITCH_COSTS, ran)
+    assert entry["rejected"] == {}
+    # radix and latent-major save time; the fused encoder costs; fused-optimizer off would
+    # save 1.4%, under the 3% margin; grouped-topk is moot once the radix select is on.
+    assert entry["choices"] == {**start, "radix": True, "latent-major": True}
+    kept = {c["switch"]: c["kept"] for c in entry["comparisons"]}
+    assert kept == {"fused-encoder": "off", "radix": "on", "latent-major": "on",
+                    "fused-optimizer": "on"}  # fmt: skip
+    assert entry["speedup"] == pytest.approx(1.01 / 0.71)
+    assert {**start, "radix": True, "latent-major": True} in ran  # every config really stepped
+    assert entry["shape"] == {"d_in": 16, "num_latents": 128, "k": 4,
+                              "k_aux": entry["shape"]["k_aux"], "batch": 16,
+                              "dead_fraction": 0.2}  # fmt: skip
+    assert 1 <= entry["shape"]["k_aux"] <= 8
+    assert "tuned: fused-encoder off, radix on, grouped-topk on, latent-major on" in log
+
+
+@pytest.mark.skipif(not TRITON_RUNS_HERE, reason="see test_triton_cases_pass_in_a_fresh_...")
+def test_triton_tune_rejects_a_variant_whose_step_differs(monkeypatch):
+    real = sparse_ops.segment_outer
+
+    def wrong(*args, **kwargs):  # latent-major sums, 50% too large
+        out, dots = real(*args, **kwargs)
+        return out * 1.5, dots
+
+    monkeypatch.setattr(sparse_ops, "segment_outer", wrong)
+    ran = []
+    start, entry, log = tune_tiny(monkeypatch, SWITCH_COSTS, ran)
+    assert list(entry["rejected"]) == ["latent-major"]
+    assert entry["rejected"]["latent-major"].startswith("its gradient of W_")
+    assert not entry["choices"]["latent-major"] and entry["choices"]["radix"]
+    assert "latent-major on: REJECTED, its gradient of W_" in log
+    assert all(not c["latent-major"] for c in ran)  # never timed, never chosen
+
+
+@pytest.mark.skipif(not TRITON_RUNS_HERE, reason="see test_triton_cases_pass_in_a_fresh_...")
+def test_triton_tune_kernels_command_times_and_stores_the_choices(monkeypatch, tmp_path, capsys):
+    import json
+
+    from saetrain import tuning
+    from saetrain.cli import main
+
+    monkeypatch.setattr(encode_module, "FUSE_UNDER_INTERPRETER", False)
+    out = tmp_path / "tuning.json"
+    shape = "--d-in 16 --num-latents 128 --k 4 --batch 16 --rounds 1 --dead-fraction 0.2"
+    args = ["tune-kernels", "--device", "cpu", *shape.split(), "--out", str(out)]
+    previous = set_backend("triton")
+    try:
+        before = tuning.current("cpu")
+        assert main(args) == 0
+        assert tuning.current("cpu") == before
+    finally:
+        set_backend(previous)
+    printed = capsys.readouterr().out
+    assert "tuning on cpu (Triton interpreter): d_in 16, 128 latents, k 4" in printed
+    assert f"stored for cpu (Triton interpreter) in {out}" in printed
+    entry = json.loads(out.read_text())["devices"]["cpu (Triton interpreter)"]
+    assert set(entry["choices"]) == set(tuning.SWITCHES) and entry["rejected"] == {}
+    assert entry["step_ms"]["tuned"] > 0 and entry["precision"] == "bf16"
+
+
 # ---------------------------------------------------------------- GPU only
 
 
