@@ -962,10 +962,14 @@ def cost_clock(costs: dict, ran: list):
     return clock
 
 
+TUNE_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the interpreter
+
+
 def tune_tiny(monkeypatch, costs, ran):
-    """`tuning.tune` on a tiny bf16 SAE under the interpreter, from CUDA's default choices."""
+    """`tuning.tune` on a tiny bf16 SAE, from CUDA's default choices."""
     from saetrain import optim, tuning
 
+    monkeypatch.setattr(encode_module, "FUSE_ON_CUDA", False)
     monkeypatch.setattr(encode_module, "FUSE_UNDER_INTERPRETER", False)  # CUDA's path
     monkeypatch.setattr(topk_module, "RADIX_DEVICES", frozenset())
     monkeypatch.setattr(topk_module, "GROUPED_DEVICES", frozenset({"cpu"}))
@@ -975,23 +979,25 @@ def tune_tiny(monkeypatch, costs, ran):
     lines = []
     previous = set_backend("triton")
     try:
-        before = tuning.current("cpu")
-        entry = tuning.tune(cfg, "cpu", clock=cost_clock(costs, ran), log=lines.append)
+        before = tuning.current(TUNE_DEVICE)
+        entry = tuning.tune(cfg, TUNE_DEVICE, clock=cost_clock(costs, ran), log=lines.append)
     finally:
         set_backend(previous)
-    assert tuning.current("cpu") == before  # tuning leaves the choices as they were
+    assert tuning.current(TUNE_DEVICE) == before  # tuning leaves the choices as they were
     return before, entry, "\n".join(lines)
 
 
 @pytest.mark.skipif(not TRITON_RUNS_HERE, reason="see test_triton_cases_pass_in_a_fresh_...")
 def test_triton_tune_keeps_each_flip_that_is_faster_by_the_margin(monkeypatch):
+    from saetrain import tuning
+
     ran = []
     start, entry, log = tune_tiny(monkeypatch, SWITCH_COSTS, ran)
     assert entry["rejected"] == {}
     # radix and latent-major save time; the fused encoder costs; fused-optimizer off would
     # save 1.4%, under the 3% margin; grouped-topk is moot once the radix select is on.
     assert entry["choices"] == {**start, "radix": True, "latent-major": True}
-    kept = {c["switch"]: c["kept"] for c in entry["comparisons"]}
+    kept = {c["switch"]: c["kept"] for c in entry["comparisons"]}  # grouped-topk: moot
     assert kept == {"fused-encoder": "off", "radix": "on", "latent-major": "on",
                     "fused-optimizer": "on"}  # fmt: skip
     assert entry["speedup"] == pytest.approx(1.01 / 0.71)
@@ -1000,7 +1006,7 @@ def test_triton_tune_keeps_each_flip_that_is_faster_by_the_margin(monkeypatch):
                               "k_aux": entry["shape"]["k_aux"], "batch": 16,
                               "dead_fraction": 0.2}  # fmt: skip
     assert 1 <= entry["shape"]["k_aux"] <= 8
-    assert "tuned: fused-encoder off, radix on, grouped-topk on, latent-major on" in log
+    assert f"tuned: {tuning.describe(entry['choices'])}" in log
 
 
 @pytest.mark.skipif(not TRITON_RUNS_HERE, reason="see test_triton_cases_pass_in_a_fresh_...")
@@ -1028,21 +1034,23 @@ def test_triton_tune_kernels_command_times_and_stores_the_choices(monkeypatch, t
     from saetrain import tuning
     from saetrain.cli import main
 
+    monkeypatch.setattr(encode_module, "FUSE_ON_CUDA", False)
     monkeypatch.setattr(encode_module, "FUSE_UNDER_INTERPRETER", False)
     out = tmp_path / "tuning.json"
     shape = "--d-in 16 --num-latents 128 --k 4 --batch 16 --rounds 1 --dead-fraction 0.2"
-    args = ["tune-kernels", "--device", "cpu", *shape.split(), "--out", str(out)]
+    args = ["tune-kernels", "--device", TUNE_DEVICE, *shape.split(), "--out", str(out)]
     previous = set_backend("triton")
     try:
-        before = tuning.current("cpu")
+        before = tuning.current(TUNE_DEVICE)
         assert main(args) == 0
-        assert tuning.current("cpu") == before
+        assert tuning.current(TUNE_DEVICE) == before
     finally:
         set_backend(previous)
+    key = tuning.device_key(torch.device(TUNE_DEVICE))
     printed = capsys.readouterr().out
-    assert "tuning on cpu (Triton interpreter): d_in 16, 128 latents, k 4" in printed
-    assert f"stored for cpu (Triton interpreter) in {out}" in printed
-    entry = json.loads(out.read_text())["devices"]["cpu (Triton interpreter)"]
+    assert f"tuning on {key}: d_in 16, 128 latents, k 4" in printed
+    assert f"stored for {key} in {out}" in printed
+    entry = json.loads(out.read_text())["devices"][key]
     assert set(entry["choices"]) == set(tuning.SWITCHES) and entry["rejected"] == {}
     assert entry["step_ms"]["tuned"] > 0 and entry["precision"] == "bf16"
 
