@@ -520,39 +520,100 @@ def _triton_version() -> str | None:
 # ---------------------------------------------------------------- the command
 
 
+def _defaults(cls) -> dict:
+    """The keyword defaults of `cls.__init__` (a recipe leaves unset what these give)."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def recipe_shape(path: Path, d_in: int | None = None) -> dict:
+    """`TuneConfig` fields from a ``fit`` recipe: the SAE's shape (model.*), the tokens per step
+    (data.batch_size) and the precision (trainer.precision), with `fit`'s defaults where the
+    recipe sets none; d_in given, else model.d_in, else from the LM's config (data.model)."""
+    import yaml
+
+    from .data.datamodule import ActivationDataModule
+    from .data.lm import hidden_size, load_lm_config
+    from .module import SAEModule
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        first = " ".join(str(e).split())[:200]
+        raise ValueError(f"cannot read the recipe {path}: {first}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} is not a fit recipe (a YAML mapping with model, data, trainer)")
+    model = {**_defaults(SAEModule), **(raw.get("model") or {})}
+    data = {**_defaults(ActivationDataModule), **(raw.get("data") or {})}
+    d_in = d_in or model.get("d_in")
+    if d_in is None:
+        if not data.get("model"):
+            raise ValueError(f"{path} sets neither model.d_in nor data.model: pass --d-in")
+        d_in = hidden_size(load_lm_config(str(data["model"])))
+    precision = str((raw.get("trainer") or {}).get("precision", "32-true"))
+    if precision.startswith("bf16"):
+        dtype = "bf16"
+    elif precision in ("32", "32-true"):
+        dtype = "fp32"
+    else:
+        raise ValueError(
+            f"{path}: trainer.precision {precision!r}; tune-kernels times bf16 or fp32 steps "
+            "(bf16-mixed, 32-true)"
+        )
+    return {
+        "d_in": d_in,
+        "num_latents": model.get("num_latents") or model["expansion_factor"] * d_in,
+        "k": model["k"],
+        "k_aux": model.get("k_aux"),
+        "batch": data["batch_size"],
+        "precision": dtype,
+    }
+
+
 def run_tune(argv: list[str]) -> None:
     """``python -m saetrain tune-kernels``: time the kernel choices on this GPU, store them."""
     defaults = TuneConfig()
     p = argparse.ArgumentParser(
         prog="python -m saetrain tune-kernels",
         description="Time the Triton kernels' alternatives on this GPU in whole SAE training "
-        "steps and store the fastest for `fit` to use on this GPU model.",
+        "steps and store the fastest for `fit` to use on this GPU model. The shape: a recipe's "
+        "(--config), else the flags' (default: Phi-3 Mini's SAE, d_in 3072, 24576 latents, "
+        "k 32, 4096 tokens a step, bf16); flags override the recipe.",
         exit_on_error=False,
     )
+    recipe = "a fit recipe: its SAE shape, data.batch_size, trainer.precision"
+    p.add_argument("--config", type=Path, default=None, help=recipe)
     for name, help_ in (
         ("d_in", "the activations' width (Phi-3 Mini: 3072)"),
         ("num_latents", "latents (8x d_in in the paper)"),
         ("k", "latents kept per token"),
+        ("k_aux", "AuxK latents (default d_in // 2)"),
         ("batch", "tokens per step (data.batch_size)"),
-        ("rounds", "timed steps of each variant per comparison"),
-        ("seed", "for the SAE, batch and dead latents"),
+    ):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=help_)
+    p.add_argument("--precision", choices=("bf16", "fp32"), default=None)
+    for name, kind, help_ in (
+        ("rounds", int, "timed steps of each variant per comparison"),
+        ("seed", int, "for the SAE, batch and dead latents"),
+        ("dead_fraction", float, "latents marked dead, so that AuxK runs"),
+        ("margin", float, "keep a flip only where the step is this fraction faster"),
     ):
         flag = "--" + name.replace("_", "-")
-        p.add_argument(flag, type=int, default=getattr(defaults, name), help=help_)
-    p.add_argument("--k-aux", type=int, default=None, help="AuxK latents (default d_in // 2)")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default=defaults.precision)
-    p.add_argument("--dead-fraction", type=float, default=defaults.dead_fraction)
-    p.add_argument("--margin", type=float, default=defaults.margin,
-                   help="keep a flip only where the step is this fraction faster")  # fmt: skip
+        p.add_argument(flag, type=kind, default=getattr(defaults, name), help=help_)
     p.add_argument("--device", default="cuda", help="cuda, cuda:N")
     p.add_argument("--out", type=Path, default=None,
                    help=f"the file to store into (default: {user_file()})")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="time and print, store nothing")
     args = p.parse_args(argv)
+    shape = recipe_shape(args.config, args.d_in) if args.config else {}
+    for name in ("d_in", "num_latents", "k", "k_aux", "batch", "precision"):
+        if getattr(args, name) is not None:
+            shape[name] = getattr(args, name)
     cfg = TuneConfig(
-        d_in=args.d_in, num_latents=args.num_latents, k=args.k, k_aux=args.k_aux,
-        batch=args.batch, precision=args.precision, dead_fraction=args.dead_fraction,
-        rounds=args.rounds, margin=args.margin, seed=args.seed,
+        **shape, rounds=args.rounds, margin=args.margin, seed=args.seed,
+        dead_fraction=args.dead_fraction,
     )  # fmt: skip
     SAEConfig(cfg.d_in, cfg.num_latents, cfg.k, k_aux=cfg.k_aux)  # its checks, before timing
     out = args.out or user_file()

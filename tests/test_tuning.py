@@ -5,16 +5,20 @@ the Triton kernels: `test_triton_tune_*` in test_kernels.py, under the interpret
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import saetrain.kernels.encode as encode_module
 import saetrain.kernels.sparse_ops as sparse_ops
 import saetrain.kernels.topk as topk_module
 import torch
+import yaml
 from saetrain.kernels import EncodeOutput, _backend
 
 from saetrain import optim, tuning
 from saetrain.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -220,3 +224,54 @@ def test_tune_kernels_passes_its_options_on_and_stores_unless_told_not_to(
     assert (cfg.precision, cfg.margin, device) == ("fp32", 0.1, "cuda:1")
     assert tuning.stored("GPU A (sm_90)")[0]["choices"] == {"radix": True}
     assert f"stored for GPU A (sm_90) in {user}" in capsys.readouterr().out
+
+
+@pytest.fixture
+def tuned(monkeypatch):
+    """`tuning.tune` replaced by one that records what it was asked to time."""
+    got = []
+
+    def fake_tune(cfg, device):
+        got.append(cfg)
+        return {"device": "GPU A (sm_90)", "choices": {}, "rejected": {}}
+
+    monkeypatch.setattr(tuning, "tune", fake_tune)
+    return got
+
+
+def test_tune_kernels_takes_the_shape_from_a_recipe_and_flags_override_it(
+    tuned, tmp_path, tiny_model_dir
+):
+    phi3 = str(ROOT / "recipes" / "phi3-mini-refusal.yaml")
+    # d_in from the flag: the LM's config (on the Hub) is not read.
+    assert main(["tune-kernels", "--config", phi3, "--d-in", "3072", "--dry-run"]) == 0
+    cfg = tuned[-1]
+    assert (cfg.d_in, cfg.num_latents, cfg.k, cfg.batch, cfg.precision) == (
+        3072, 24576, 32, 4096, "bf16"
+    )  # fmt: skip
+    tiny = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+    tiny["data"]["model"] = str(tiny_model_dir)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny))
+    assert main(["tune-kernels", "--config", str(recipe), "--k", "8", "--dry-run"]) == 0
+    d_in = json.loads((tiny_model_dir / "config.json").read_text())["hidden_size"]
+    cfg = tuned[-1]
+    assert (cfg.d_in, cfg.num_latents, cfg.k, cfg.batch, cfg.precision) == (
+        d_in, 4 * d_in, 8, 128, "fp32"
+    )  # fmt: skip
+
+
+def test_tune_kernels_refuses_a_recipe_it_cannot_time_in_one_line(tuned, tmp_path, capsys):
+    fp16 = tmp_path / "fp16.yaml"
+    fp16.write_text("model: {d_in: 64}\ntrainer: {precision: 16-mixed}\n")
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("- model\n- data\n")
+    for recipe, says in (
+        (fp16, "trainer.precision '16-mixed'; tune-kernels times bf16 or fp32 steps"),
+        (tmp_path / "missing.yaml", "cannot read the recipe"),
+        (listed, "is not a fit recipe"),
+    ):
+        assert main(["tune-kernels", "--config", str(recipe), "--dry-run"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and says in err, err
+    assert tuned == []
