@@ -41,9 +41,12 @@ from saetrain.kernels import (
     get_backend,
     normalize_decoder_,
     project_decoder_grad_,
+    sae_losses,
+    sae_losses_reference,
     sparse_ops,
 )
 from saetrain.kernels import encode as encode_module
+from saetrain.kernels import loss as loss_module
 from saetrain.kernels import topk as topk_module
 from saetrain.kernels._backend import triton_interpreted
 from saetrain.kernels.topk import select_topk
@@ -124,16 +127,18 @@ def normalize_torch_(W_dec: torch.Tensor) -> None:
 
 
 def kernel_step(p, x, k, dead_mask, k_aux):
-    """The same step with saetrain.kernels: sparse decode and sparse backward."""
+    """The same step with saetrain.kernels, as SAE.forward takes it: sparse decode and sparse
+    backward, and the losses in one pass each way where the Triton kernels run."""
     out = encode_topk(x, p["W_enc"], p["b_enc"], k, dead_mask, k_aux, b_dec=p["b_dec"])
+    e_hat = None
     if not out.aux_indices.shape[1]:
-        x_hat = decode(out.latent_acts, out.latent_indices, p["W_dec"]) + p["b_dec"]
-        return losses(x, x_hat, None, x_hat - x)
-    x_hat, e_hat = decode_pair(  # as SAE.forward: one gradient for W_dec
-        out.latent_acts, out.latent_indices, out.aux_acts, out.aux_indices, p["W_dec"]
-    )
-    x_hat = x_hat + p["b_dec"]
-    return losses(x, x_hat, e_hat, x_hat - x)
+        decoded = decode(out.latent_acts, out.latent_indices, p["W_dec"])
+    else:
+        decoded, e_hat = decode_pair(  # one gradient for W_dec
+            out.latent_acts, out.latent_indices, out.aux_acts, out.aux_indices, p["W_dec"]
+        )
+    _, fvu, auxk = sae_losses(x, decoded, p["b_dec"], torch.ones((), device=x.device), e_hat)
+    return fvu + auxk / 32
 
 
 def fused_kernel_step(p, x, k, dead_mask, k_aux):
@@ -434,6 +439,20 @@ def bench_parts(args, dtype_name: str) -> None:
         opt = DecoderNormAdam([W_opt], decoders=[W_opt], lr=1e-4, fused=True, fuse=fuse)
         decoder_steps[fuse] = opt.step
 
+    # The losses as SAE.forward takes them: fp32 inputs, the decodes in the step's dtype.
+    xs_loss = torch.randn(B, d_in, device=dev)
+    decoded = (xs_loss + 0.1 * torch.randn_like(xs_loss)).to(dtype).requires_grad_()
+    err_hat = (0.1 * torch.randn_like(xs_loss)).to(dtype).requires_grad_()
+    b_loss = torch.zeros(d_in, device=dev, requires_grad=True)
+    one = torch.ones((), device=dev)
+
+    def losses_run(fn):
+        def run():
+            _, fvu, auxk = fn(xs_loss, decoded, b_loss, one, err_hat)
+            (fvu + auxk / 32).backward()
+
+        return run
+
     def topk_torch():
         pre.topk(k, dim=-1)
 
@@ -476,6 +495,9 @@ def bench_parts(args, dtype_name: str) -> None:
     fns["decoder-norm step: torch ops"] = norm_torch
     fns["decoder optimizer step: one pass"] = decoder_steps[True]
     fns["decoder optimizer step: 3 ops"] = decoder_steps[False]
+    if triton_here:  # elsewhere both are the torch ops
+        fns["losses fwd+bwd: torch ops"] = losses_run(sae_losses_reference)
+        fns["losses fwd+bwd: one pass"] = losses_run(sae_losses)
     fns["decoder fwd+bwd: dense"] = dec_dense
     fns["decoder fwd+bwd: sparse"] = dec_ours()
     if triton_here:
@@ -509,6 +531,17 @@ def bench_parts(args, dtype_name: str) -> None:
             )
     ratio = times["decoder fwd+bwd: dense"] / times["decoder fwd+bwd: sparse"]
     print(f"  decoder: sparse is {ratio:.1f}x faster than dense")
+    if triton_here:
+        one_pass = times["losses fwd+bwd: one pass"]
+        ratio = times["losses fwd+bwd: torch ops"] / one_pass
+        # Forward: xs read twice (var_mean, the pass), decoded and err_hat read, x_hat written
+        # (fp32); backward: xs, decoded, err_hat read, their two gradients written.
+        moved = B * d_in * (16 + 6 * decoded.element_size())
+        state = "on" if loss_module.FUSE_LOSSES else "off"
+        print(
+            f"  losses: one pass is {ratio:.2f}x the speed of the torch ops "
+            f"({moved / one_pass / 1e9:.0f} GB/s; kernels/loss.py FUSE_LOSSES: {state})"
+        )
     moved = 4 * W_norm.numel() * W_norm.element_size()  # W and G: read once, written once
     for name in ("ours", "torch ops"):
         t = times[f"decoder-norm step: {name}"]

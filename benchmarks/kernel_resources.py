@@ -37,7 +37,7 @@ from triton.compiler import ASTSource
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("kernel_resources.py: unset TRITON_INTERPRET; the interpreter compiles nothing.")
 
-from saetrain.kernels import decoder_norm, encode, sparse_ops, topk  # noqa: E402
+from saetrain.kernels import decoder_norm, encode, loss, sparse_ops, topk  # noqa: E402
 
 # Shared memory one program may use, by compute capability (CUDA's documented maxima).
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
@@ -171,6 +171,28 @@ def topk_cases(quick: bool):
     return cases
 
 
+def loss_cases(quick: bool):
+    """The fused losses' forward and backward, with AuxK, in bf16 (decodes under autocast)
+    and fp32; the tiles `loss._blocks` picks on a GPU."""
+    cases = []
+    block_b, block_d = loss.LOSS_BLOCKS
+    for dtype in ("bf16",) if quick else ("bf16", "fp32"):
+        sig = {"xs_ptr": "*fp32", "dec_ptr": ptr(dtype), "b_ptr": "*fp32", "eh_ptr": ptr(dtype)}
+        sig |= {"scale_ptr": "*fp32", "x_hat_ptr": "*fp32", "partial_ptr": "*fp32"}
+        sig |= {"B": "i32", "D": "i32"}
+        sig |= {n: "constexpr" for n in ("HAS_AUX", "BLOCK_B", "BLOCK_D")}
+        consts = {"HAS_AUX": True, "BLOCK_B": block_b, "BLOCK_D": block_d}
+        cases.append((f"losses {dtype}", loss._losses_kernel, sig, consts, loss.LOSS_WARPS))
+        sig = {"xs_ptr": "*fp32", "dec_ptr": ptr(dtype), "b_ptr": "*fp32", "eh_ptr": ptr(dtype)}
+        sig |= {"gxh_ptr": "*fp32", "coef_ptr": "*fp32", "g_dec_ptr": ptr(dtype)}
+        sig |= {"g_eh_ptr": ptr(dtype), "col_ptr": "*fp32", "B": "i32", "D": "i32"}
+        sig |= {n: "constexpr" for n in ("HAS_AUX", "HAS_GXH", "BLOCK_B", "BLOCK_D")}
+        consts = {"HAS_AUX": True, "HAS_GXH": False, "BLOCK_B": block_b, "BLOCK_D": block_d}
+        kernel = loss._losses_backward_kernel
+        cases.append((f"losses_backward {dtype}", kernel, sig, consts, loss.LOSS_WARPS))
+    return cases
+
+
 # Integer arguments that are multiples of 16 at the shapes this prints for (d_in 3072 or
 # 576, 24,576 or 16,384 latents, k 32, B 4096): the JIT specializes on that, as on aligned
 # pointers, and vectorizes loads it could not otherwise.
@@ -229,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         *norm_cases(args.quick),
         *encode_cases(args.quick),
         *topk_cases(args.quick),
+        *loss_cases(args.quick),
     ]:
         if args.only not in label:
             continue

@@ -10,7 +10,8 @@ these kernels a training step costs about one dense matmul, the encoder's forwar
     ...; loss.backward(); project_decoder_grad_(W_dec, W_dec.grad)
     optimizer.step(); normalize_decoder_(W_dec)
 
-or, for the decoder, the three in one pass: `decoder_adam_step_` (what `saetrain.optim.
+The reconstruction, FVU and AuxK loss in one pass forward and one backward: `sae_losses`.
+Or, for the decoder, the three in one pass: `decoder_adam_step_` (what `saetrain.optim.
 DecoderNormAdam` runs where the Triton kernels do). The selection alone: `select_topk` (the
 device's fastest path) and `radix_topk` (Triton; the top k and AuxK's k_aux from one read).
 
@@ -35,6 +36,7 @@ from .decoder_norm import (
     project_decoder_grad_reference,
 )
 from .encode import EncodeOutput, EncodeTopkFunction, encode_topk, encode_topk_reference
+from .loss import SAELossFunction, sae_losses, sae_losses_reference
 from .topk import radix_topk, radix_topk_reference, select_topk
 
 __all__ = [
@@ -56,6 +58,9 @@ __all__ = [
     "project_decoder_grad_reference",
     "radix_topk",
     "radix_topk_reference",
+    "SAELossFunction",
+    "sae_losses",
+    "sae_losses_reference",
     "select_topk",
     "set_backend",
 ]

@@ -50,6 +50,7 @@ OPTIONS = {
     "fused-encoder": "the fused matmul + top-k encoder on CUDA (kernels/encode.py FUSE_ON_CUDA)",
     "grouped-topk": "the grouped top-k on CUDA too (kernels/topk.py GROUPED_DEVICES)",
     "unfused-optimizer": "the decoder's step as three ops (saetrain/optim.py FUSE_WHERE_TRITON)",
+    "unfused-losses": "the SAE's losses as torch ops (kernels/loss.py FUSE_LOSSES)",
 }
 
 

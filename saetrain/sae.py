@@ -251,25 +251,19 @@ class SAE(nn.Module):
         xs = self._scaled(x)  # (B, d)
         enc = self._topk(xs, dead_mask)
         aux = enc.aux_acts.numel() > 0  # AuxK slots exist only where some latent is dead
+        err_hat = None
         if aux:  # both decodes at once: one gradient for W_dec
             decoded, err_hat = kernels.decode_pair(
                 enc.latent_acts, enc.latent_indices, enc.aux_acts, enc.aux_indices, self.W_dec
             )
         else:
             decoded = kernels.decode(enc.latent_acts, enc.latent_indices, self.W_dec)
-        xs_hat = decoded + self.b_dec
-        total_variance = (xs - xs.mean(0)).pow(2).sum().float().clamp_min(1e-12)
-        err = xs - xs_hat  # (B, d)
-        fvu = err.pow(2).sum().float() / total_variance
-
-        auxk_loss = xs.new_zeros((), dtype=torch.float32)
-        if aux:
-            # AuxK: the top dead latents try to explain the main reconstruction's residual;
-            # its gradient reaches only dead latents, which revives them (Gao et al., A.2).
-            auxk_loss = (err.detach() - err_hat).pow(2).sum().float() / total_variance
-        return ForwardOutput(
-            xs_hat / self.input_scale, enc.latent_acts, enc.latent_indices, fvu, auxk_loss
+        # x_hat, FVU and AuxK (the top dead latents explaining the main reconstruction's
+        # residual, a gradient that reaches only dead latents: Gao et al., A.2).
+        x_hat, fvu, auxk_loss = kernels.sae_losses(
+            xs, decoded, self.b_dec, self.input_scale, err_hat
         )
+        return ForwardOutput(x_hat, enc.latent_acts, enc.latent_indices, fvu, auxk_loss)
 
     @torch.no_grad()
     def remove_parallel_grad(self) -> None:

@@ -1,6 +1,6 @@
 """Kernel choices timed on this machine's GPU: ``python -m saetrain tune-kernels``.
 
-Five choices in :mod:`saetrain.kernels` (and the optimizer) are ways to run the same step,
+Six choices in :mod:`saetrain.kernels` (and the optimizer) are ways to run the same step,
 and which is faster depends on the GPU (bandwidth, atomics, registers), Triton's version and
 the SAE's shape (`SWITCHES`):
 
@@ -12,7 +12,9 @@ the SAE's shape (`SWITCHES`):
 - ``latent-major``: weight-gradient rows summed latent-major, without atomics
   (``kernels/sparse_ops.py`` LATENT_MAJOR);
 - ``fused-optimizer``: the decoder's projection, Adam update and renormalisation in one pass
-  (``saetrain/optim.py`` FUSE_WHERE_TRITON).
+  (``saetrain/optim.py`` FUSE_WHERE_TRITON);
+- ``fused-losses``: the reconstruction, FVU and AuxK loss in one pass forward and one
+  backward (``kernels/loss.py`` FUSE_LOSSES).
 
 :func:`tune` times whole training steps (``SAE.forward`` with AuxK, backward,
 :class:`~saetrain.optim.DecoderNormAdam`) at the caller's shape: starting from the choices in
@@ -45,11 +47,17 @@ import torch
 from . import kernels, optim
 from .kernels import _backend, sparse_ops
 from .kernels import encode as encode_module
+from .kernels import loss as loss_module
 from .kernels import topk as topk_module
 from .optim import DecoderNormAdam
 from .sae import SAE, SAEConfig
 
-SWITCHES = ("fused-encoder", "radix", "grouped-topk", "latent-major", "fused-optimizer")
+# The switches that choose how the encoder selects its latents: the rest only change how
+# the same numbers are computed.
+SELECTION = ("fused-encoder", "radix", "grouped-topk")
+SWITCHES = (
+    "fused-encoder", "radix", "grouped-topk", "latent-major", "fused-optimizer", "fused-losses",
+)  # fmt: skip
 FILE_VAR = "SAETRAIN_TUNING_FILE"
 SHIPPED_FILE = Path(kernels.__file__).parent / "tuned.json"
 FORMAT_VERSION = 1
@@ -70,6 +78,7 @@ def current(device_type: str) -> Choices:
         "grouped-topk": device_type in topk_module.GROUPED_DEVICES,
         "latent-major": sparse_ops.LATENT_MAJOR,
         "fused-optimizer": optim.FUSE_WHERE_TRITON,
+        "fused-losses": loss_module.FUSE_LOSSES,
     }
 
 
@@ -104,6 +113,8 @@ def apply(choices: Mapping[str, bool], device_type: str) -> None:
         sparse_ops.LATENT_MAJOR = choices["latent-major"]
     if "fused-optimizer" in choices:
         optim.FUSE_WHERE_TRITON = choices["fused-optimizer"]
+    if "fused-losses" in choices:
+        loss_module.FUSE_LOSSES = choices["fused-losses"]
 
 
 @contextlib.contextmanager
@@ -359,25 +370,40 @@ def _selection_error(bench: _Bench, out, reference, tol: float) -> str | None:
     return None
 
 
-def check_variant(bench: _Bench, choices: Choices, reference: Choices, tol: float) -> str | None:
+# Relative error (in norm) allowed between the losses and gradients of two ways of taking
+# the same step: fp32 sums in another order; in bf16 also an intermediate gradient (of the
+# decodes' outputs) that rounds to bf16 the other way, up to 2^-9 an entry (Triton's CPU
+# interpreter truncates where GPUs round to nearest, which costs about 0.4% in norm).
+GRAD_TOL = {"fp32": 1e-3, "bf16": 1e-2}
+
+
+def check_variant(
+    bench: _Bench, choices: Choices, reference: Choices, tol: float, grad_tol: float = 1e-3
+) -> str | None:
     """Why a step under `choices` is not the step under `reference` from the same state, or
-    None where it is: the encoder's selections (tie-aware, `_selection_error`), the gradients
-    of one forward through each backward (relative error in norm within 1e-3: only the order
-    of fp32 sums may differ), and the optimizer's update from the same gradients."""
+    None where it is: the encoder's selections (tie-aware, `_selection_error`, within `tol`);
+    the loss and gradients with the reference's selections and otherwise each one's choices
+    (within `grad_tol`, relative in norm); and the optimizer's update from the same
+    gradients (within 1e-3: fp32 rounding apart)."""
     snap = bench.snapshot()
     params = dict(bench.sae.named_parameters())
     try:
         why = _selection_error(bench, bench.select(choices), bench.select(reference), tol)
         if why is not None:
             return why
-        grads = []
-        for c in (reference, choices):  # one forward (the reference's), each backward
+        grads, losses = [], []
+        same_selection = {**choices, **{s: reference[s] for s in SELECTION}}
+        for c in (reference, same_selection):  # ties at the k-th value cannot differ
             bench.restore(snap)
-            bench.backward(bench.loss(reference), c)
+            losses.append(bench.loss(c))
+            bench.backward(losses[-1], c)
             grads.append({n: p.grad.detach().clone() for n, p in params.items()})
+        error = _relative_error(losses[1].detach(), losses[0].detach())
+        if not math.isfinite(error) or error > grad_tol:
+            return f"its loss differs by {error:.2g} (relative)"
         for name in params:
             error = _relative_error(grads[1][name], grads[0][name])
-            if not math.isfinite(error) or error > 1e-3:
+            if not math.isfinite(error) or error > grad_tol:
                 return f"its gradient of {name} differs by {error:.2g} (relative, in norm)"
         updated = []
         for c in (reference, choices):  # the same gradients through each optimizer path
@@ -458,7 +484,7 @@ def tune(
         if not _applies(switch, choices, cfg):
             continue
         flipped = {**choices, switch: not choices[switch]}
-        why = check_variant(bench, flipped, choices, tol)
+        why = check_variant(bench, flipped, choices, tol, GRAD_TOL[cfg.precision])
         if why is not None:
             rejected[switch] = why
             log(f"  {switch} {'on' if flipped[switch] else 'off'}: REJECTED, {why} on this GPU")

@@ -14,7 +14,8 @@
 # True if the step row is faster), "decoder optimizer step: one pass is N x the speed of the
 # 3 ops" (saetrain/optim.py FUSE_WHERE_TRITON, on: False if N < 1), "top-k: radix is N x
 # the speed of torch.topk" with the "kernel step (matmul+radix)" row (kernels/topk.py
-# RADIX_DEVICES: add "cuda" if both are faster), "kernel step (latent+radix)" (both
+# RADIX_DEVICES: add "cuda" if both are faster), "losses: one pass is N x the speed of the
+# torch ops" (kernels/loss.py FUSE_LOSSES, on: False if N < 1), "kernel step (latent+radix)" (both
 # switches at once, as the defaults would be if both win), and the "autotuned" lines (the
 # tiles each kernel chose). `tune-kernels` decides the same switches from whole steps and
 # writes them to $OUT/tuned.json: commit that file as kernels/tuned.json, and every user on

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ("gather_combine", "gather_dot", "scatter_outer", "segment_outer", "decoder_norm",
-           "encode_topk", "radix_topk", "resident_topk")  # fmt: skip
+           "encode_topk", "radix_topk", "resident_topk", "losses", "losses_backward")  # fmt: skip
 
 
 def _can_compile_for_cuda() -> bool:

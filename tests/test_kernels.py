@@ -26,6 +26,7 @@ if not torch.cuda.is_available():
 
 import saetrain.kernels.decoder_norm as decoder_norm_module  # noqa: E402
 import saetrain.kernels.encode as encode_module  # noqa: E402
+import saetrain.kernels.loss as loss_module  # noqa: E402
 import saetrain.kernels.sparse_ops as sparse_ops  # noqa: E402
 import saetrain.kernels.topk as topk_module  # noqa: E402
 from host_syncs import HostSyncs  # noqa: E402
@@ -43,6 +44,8 @@ from saetrain.kernels import (  # noqa: E402
     normalize_decoder_reference,
     project_decoder_grad_,
     project_decoder_grad_reference,
+    sae_losses,
+    sae_losses_reference,
     set_backend,
 )
 from saetrain.kernels._backend import HAS_TRITON, triton_interpreted, use_triton  # noqa: E402
@@ -676,9 +679,9 @@ def test_kernel_options_in_the_environment_flip_the_untimed_defaults():
     # Each option flips its switch at import; an unknown name fails there, in one line.
     script = (
         "import saetrain.kernels.topk as t, saetrain.kernels.sparse_ops as s, "
-        "saetrain.kernels.encode as e, saetrain.optim as o; "
+        "saetrain.kernels.encode as e, saetrain.optim as o, saetrain.kernels.loss as l; "
         "print(sorted(t.RADIX_DEVICES), sorted(t.GROUPED_DEVICES), s.LATENT_MAJOR, "
-        "e.FUSE_ON_CUDA, o.FUSE_WHERE_TRITON)"
+        "e.FUSE_ON_CUDA, o.FUSE_WHERE_TRITON, l.FUSE_LOSSES)"
     )
 
     def run(options):
@@ -686,9 +689,9 @@ def test_kernel_options_in_the_environment_flip_the_untimed_defaults():
         command = [sys.executable, "-c", script]
         return subprocess.run(command, env=env, capture_output=True, text=True)
 
-    assert run("").stdout.split("\n")[0] == "[] ['cpu'] False False True"
-    every = "radix, Latent-Major,fused-encoder,grouped-topk,unfused-optimizer"
-    assert run(every).stdout.split("\n")[0] == "['cuda'] ['cpu', 'cuda'] True True False"
+    assert run("").stdout.split("\n")[0] == "[] ['cpu'] False False True True"
+    every = "radix, Latent-Major,fused-encoder,grouped-topk,unfused-optimizer,unfused-losses"
+    assert run(every).stdout.split("\n")[0] == "['cuda'] ['cpu', 'cuda'] True True False False"
     bad = run("radix,fast-path")
     assert bad.returncode != 0
     last = bad.stderr.strip().splitlines()[-1]
@@ -857,6 +860,7 @@ REFERENCE_KERNELS = SimpleNamespace(
     ),
     project_decoder_grad_=lambda W, g: g.copy_(project_decoder_grad_reference(W, g)),
     normalize_decoder_=lambda W: W.copy_(normalize_decoder_reference(W)),
+    sae_losses=sae_losses_reference,
 )
 
 
@@ -941,12 +945,83 @@ def test_every_test_that_needs_triton_says_so_in_its_name():
     assert [name for name in gated if "triton" not in name] == []
 
 
+# ---------------------------------------------------------------- the losses
+
+
+def loss_inputs(B, D, dtype, device, aux, seed=0):
+    """xs (fp32, no grad), decoded and err_hat (dtype, leaves), b_dec (fp32 leaf), scale."""
+    gen = torch.Generator().manual_seed(seed)
+    xs = 2 * torch.randn(B, D, generator=gen) + 1
+    decoded = xs + 0.5 * torch.randn(B, D, generator=gen)
+    err_hat = 0.3 * torch.randn(B, D, generator=gen)
+    b_dec = 0.1 * torch.randn(D, generator=gen)
+    leaves = [decoded.to(dtype), b_dec, err_hat.to(dtype) if aux else None]
+    leaves = [t if t is None else t.to(device).requires_grad_() for t in leaves]
+    return xs.to(device), leaves, torch.tensor(0.25, device=device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("aux", [True, False], ids=["auxk", "no-aux"])
+@pytest.mark.parametrize("uses", ["all", "fvu"])
+@pytest.mark.parametrize("B, D", [(7, 24), (33, 40)], ids=["7x24", "33x40"])  # odd tiles
+def test_sae_losses_match_the_reference_in_values_and_gradients(device, dtype, aux, uses, B, D):
+    xs, leaves, scale = loss_inputs(B, D, dtype, device, aux)
+    copies = [t if t is None else t.detach().clone().requires_grad_() for t in leaves]
+    ours = sae_losses(xs, leaves[0], leaves[1], scale, leaves[2])
+    ref = sae_losses_reference(xs, copies[0], copies[1], scale, copies[2])
+    for got, want in zip(ours, ref, strict=True):
+        assert got.dtype == want.dtype
+        close(got, want, torch.float32)
+    weights = torch.randn(B, D, generator=torch.Generator().manual_seed(1)).to(device)
+
+    def loss(x_hat, fvu, auxk):  # through all three outputs, or FVU alone (no AuxK grads)
+        return fvu + 0.5 * auxk + (x_hat * weights).sum() if uses == "all" else fvu
+
+    loss(*ours).backward()
+    loss(*ref).backward()
+    for got, want in zip(leaves, copies, strict=True):
+        if want is None:
+            continue
+        if want.grad is None:
+            assert got.grad is None or not got.grad.any()
+            continue
+        assert got.grad.dtype == want.grad.dtype
+        close(got.grad, want.grad, want.dtype)
+
+
+def test_sae_losses_of_inputs_that_need_a_gradient_or_of_no_tokens_are_the_reference(device):
+    xs, (decoded, b_dec, err_hat), scale = loss_inputs(5, 8, torch.float32, device, aux=True)
+    xs.requires_grad_()  # a gradient for the inputs: the torch ops give it
+    x_hat, fvu, auxk = sae_losses(xs, decoded, b_dec, scale, err_hat)
+    (fvu + auxk + x_hat.sum()).backward()
+    reference = xs.detach().clone().requires_grad_()
+    x_hat, fvu, auxk = sae_losses_reference(reference, decoded, b_dec, scale, err_hat)
+    (fvu + auxk + x_hat.sum()).backward()
+    close(xs.grad, reference.grad, torch.float32)
+    empty = torch.zeros(0, 8, device=device)
+    x_hat, fvu, auxk = sae_losses(empty, empty, b_dec, scale, empty)
+    assert x_hat.shape == (0, 8) and float(fvu.detach()) == 0 and float(auxk.detach()) == 0
+
+
+def test_sae_losses_reject_bad_input_in_one_line():
+    xs, (decoded, b_dec, _), scale = loss_inputs(4, 6, torch.float32, "cpu", aux=False)
+    for args, says in (
+        ((xs[0], decoded, b_dec, scale), "xs must be a (B, d_in) float tensor, got (6,)"),
+        ((xs, decoded[:, :5], b_dec, scale), "decoded must be a float tensor shaped like xs"),
+        ((xs, decoded, b_dec[:5], scale), "b_dec must be (6,), like a row of xs; got (5,)"),
+        ((xs, decoded, b_dec, scale, xs[:3]), "err_hat must be a float tensor shaped like xs"),
+    ):
+        with pytest.raises(ValueError) as info:
+            sae_losses(*args)
+        assert "\n" not in str(info.value) and says in str(info.value)
+
+
 # ---------------------------------------------------------------- tune-kernels
 
 # A step's cost under a clock that charges each switch that is on (see `cost_clock`).
 SWITCH_COSTS = {
     "fused-encoder": 0.5, "radix": -0.2, "grouped-topk": 0.0, "latent-major": -0.1,
-    "fused-optimizer": 0.01,
+    "fused-optimizer": 0.01, "fused-losses": -0.05,
 }  # fmt: skip
 
 
@@ -975,6 +1050,7 @@ def tune_tiny(monkeypatch, costs, ran):
     monkeypatch.setattr(topk_module, "GROUPED_DEVICES", frozenset({"cpu"}))
     monkeypatch.setattr(sparse_ops, "LATENT_MAJOR", False)
     monkeypatch.setattr(optim, "FUSE_WHERE_TRITON", True)
+    monkeypatch.setattr(loss_module, "FUSE_LOSSES", True)
     cfg = tuning.TuneConfig(d_in=16, num_latents=128, k=4, batch=16, dead_fraction=0.2)
     lines = []
     previous = set_backend("triton")
@@ -999,8 +1075,8 @@ def test_triton_tune_keeps_each_flip_that_is_faster_by_the_margin(monkeypatch):
     assert entry["choices"] == {**start, "radix": True, "latent-major": True}
     kept = {c["switch"]: c["kept"] for c in entry["comparisons"]}  # grouped-topk: moot
     assert kept == {"fused-encoder": "off", "radix": "on", "latent-major": "on",
-                    "fused-optimizer": "on"}  # fmt: skip
-    assert entry["speedup"] == pytest.approx(1.01 / 0.71)
+                    "fused-optimizer": "on", "fused-losses": "on"}  # fmt: skip
+    assert entry["speedup"] == pytest.approx(0.96 / 0.66)
     assert {**start, "radix": True, "latent-major": True} in ran  # every config really stepped
     assert entry["shape"] == {"d_in": 16, "num_latents": 128, "k": 4,
                               "k_aux": entry["shape"]["k_aux"], "batch": 16,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import saetrain.kernels.encode as encode_module
+import saetrain.kernels.loss as loss_module
 import saetrain.kernels.sparse_ops as sparse_ops
 import saetrain.kernels.topk as topk_module
 import torch
@@ -31,6 +32,7 @@ def switches(monkeypatch):
         (topk_module, "GROUPED_DEVICES"),
         (sparse_ops, "LATENT_MAJOR"),
         (optim, "FUSE_WHERE_TRITON"),
+        (loss_module, "FUSE_LOSSES"),
     ):
         monkeypatch.setattr(module, name, getattr(module, name))
 
@@ -57,6 +59,7 @@ def test_apply_sets_each_switch_for_the_device_and_chosen_restores_them(switches
         assert sparse_ops.LATENT_MAJOR == flipped["latent-major"]
         assert encode_module.FUSE_ON_CUDA == flipped["fused-encoder"]
         assert optim.FUSE_WHERE_TRITON == flipped["fused-optimizer"]
+        assert loss_module.FUSE_LOSSES == flipped["fused-losses"]
         assert "cpu" in topk_module.GROUPED_DEVICES  # another device's choice is its own
     assert tuning.current("cuda") == before
     with pytest.raises(ValueError, match=r"names 'fast'; the switches are fused-encoder, "):
