@@ -469,6 +469,12 @@ def tune(
     check_device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    # The clock's synchronize waits on the current device: make it this one.
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return _tune(cfg, device, clock, log)
+
+
+def _tune(cfg: TuneConfig, device: torch.device, clock: Clock, log: Callable[[str], None]):
     start = current(device.type)
     bench = _Bench(cfg, device)
     tol = 2e-2 if cfg.precision == "bf16" else 1e-3
