@@ -354,7 +354,7 @@ class SAEModule(L.LightningModule):
     def on_fit_start(self) -> None:
         # The kernel choices `python -m saetrain tune-kernels` stored for this GPU model (each
         # process sets its own; rank 0 says which).
-        from .tuning import use_stored
+        from .kernel_choices import use_stored
 
         use_stored(self.device, log=rank_zero_info)
 

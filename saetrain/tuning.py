@@ -1,31 +1,12 @@
 """Kernel choices timed on this machine's GPU: ``python -m saetrain tune-kernels``.
 
-Six choices in :mod:`saetrain.kernels` (and the optimizer) are ways to run the same step,
-and which is faster depends on the GPU (bandwidth, atomics, registers), Triton's version and
-the SAE's shape (`SWITCHES`):
-
-- ``fused-encoder``: the fused matmul + top-k encoder kernel, or cuBLAS's matmul then a
-  selection (``kernels/encode.py`` FUSE_ON_CUDA);
-- ``radix``: the radix-select top-k kernel for those selections (``kernels/topk.py``
-  RADIX_DEVICES);
-- ``grouped-topk``: torch.topk on the maxima of column groups first (GROUPED_DEVICES);
-- ``latent-major``: weight-gradient rows summed latent-major, without atomics
-  (``kernels/sparse_ops.py`` LATENT_MAJOR);
-- ``fused-optimizer``: the decoder's projection, Adam update and renormalisation in one pass
-  (``saetrain/optim.py`` FUSE_WHERE_TRITON);
-- ``fused-losses``: the reconstruction, FVU and AuxK loss in one pass forward and one
-  backward (``kernels/loss.py`` FUSE_LOSSES).
-
 :func:`tune` times whole training steps (``SAE.forward`` with AuxK, backward,
-:class:`~saetrain.optim.DecoderNormAdam`) at the caller's shape: starting from the choices in
-effect, it flips one switch at a time, times the two steps side by side, and keeps the flip
-only where it is faster by more than a margin and gives the same loss, gradients and update
-as the starting step (a variant that differs is rejected and reported). The result is stored
-per GPU model in a JSON file, and ``fit`` applies the stored choices for its GPU when training
-starts (:func:`use_stored`). Lookup order: the user's file (``$SAETRAIN_TUNING_FILE``, else
-``$XDG_CACHE_HOME/saetrain/kernel-tuning.json``, else ``~/.cache/...``), then the file shipped
-in the package (``kernels/tuned.json``, written by the project's own GPU runs). A set
-``SAETRAIN_KERNEL_OPTIONS`` decides instead of either.
+:class:`~saetrain.optim.DecoderNormAdam`) at the caller's shape, one switch of
+:mod:`saetrain.kernel_choices` at a time: starting from the choices in effect, it flips one,
+times the two steps side by side, and keeps the flip only where it is faster by more than a
+margin and gives the same step as the starting choices (:func:`check_variant`: a variant
+that differs is rejected and reported). ``run_tune`` is the command: it takes the shape from
+flags or a ``fit`` recipe, and stores the result for this GPU model, where ``fit`` finds it.
 """
 
 from __future__ import annotations
@@ -35,192 +16,35 @@ import contextlib
 import copy
 import json
 import math
-import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from . import kernels, optim
-from .kernels import _backend, sparse_ops
+from . import kernels
+from .kernel_choices import (
+    SWITCHES,
+    Choices,
+    chosen,
+    current,
+    describe,
+    device_key,
+    read_file,
+    user_file,
+    write_entry,
+)
+from .kernels import _backend
 from .kernels import encode as encode_module
-from .kernels import loss as loss_module
-from .kernels import topk as topk_module
 from .optim import DecoderNormAdam
 from .sae import SAE, SAEConfig
 
 # The switches that choose how the encoder selects its latents: the rest only change how
 # the same numbers are computed.
 SELECTION = ("fused-encoder", "radix", "grouped-topk")
-SWITCHES = (
-    "fused-encoder", "radix", "grouped-topk", "latent-major", "fused-optimizer", "fused-losses",
-)  # fmt: skip
-FILE_VAR = "SAETRAIN_TUNING_FILE"
-SHIPPED_FILE = Path(kernels.__file__).parent / "tuned.json"
-FORMAT_VERSION = 1
-
-Choices = dict[str, bool]
-
-
-# ---------------------------------------------------------------- the switches
-
-
-def current(device_type: str) -> Choices:
-    """The choices in effect for tensors on `device_type` ("cuda"; "cpu" under Triton's
-    interpreter, where the fused encoder follows ``encode.FUSE_UNDER_INTERPRETER``)."""
-    fused = encode_module.FUSE_ON_CUDA if device_type == "cuda" else None
-    return {
-        "fused-encoder": encode_module.FUSE_UNDER_INTERPRETER if fused is None else fused,
-        "radix": device_type in topk_module.RADIX_DEVICES,
-        "grouped-topk": device_type in topk_module.GROUPED_DEVICES,
-        "latent-major": sparse_ops.LATENT_MAJOR,
-        "fused-optimizer": optim.FUSE_WHERE_TRITON,
-        "fused-losses": loss_module.FUSE_LOSSES,
-    }
-
-
-def _checked(choices: Mapping[str, bool], source: str) -> Choices:
-    unknown = sorted(set(choices) - set(SWITCHES))
-    if unknown:
-        raise ValueError(
-            f"{source} names {', '.join(map(repr, unknown))}; the switches are "
-            f"{', '.join(SWITCHES)}."
-        )
-    if not all(isinstance(v, bool) for v in choices.values()):
-        raise ValueError(f"{source}: each switch must be true or false, got {dict(choices)}.")
-    return dict(choices)
-
-
-def apply(choices: Mapping[str, bool], device_type: str) -> None:
-    """Set the switches named in `choices` for tensors on `device_type` (others unchanged)."""
-    choices = _checked(choices, "kernel choices")
-
-    def member(devices: frozenset[str], on: bool) -> frozenset[str]:
-        return devices | {device_type} if on else devices - {device_type}
-
-    if "fused-encoder" in choices:
-        name = "FUSE_ON_CUDA" if device_type == "cuda" else "FUSE_UNDER_INTERPRETER"
-        setattr(encode_module, name, choices["fused-encoder"])
-    if "radix" in choices:
-        topk_module.RADIX_DEVICES = member(topk_module.RADIX_DEVICES, choices["radix"])
-    if "grouped-topk" in choices:
-        on = choices["grouped-topk"]
-        topk_module.GROUPED_DEVICES = member(topk_module.GROUPED_DEVICES, on)
-    if "latent-major" in choices:
-        sparse_ops.LATENT_MAJOR = choices["latent-major"]
-    if "fused-optimizer" in choices:
-        optim.FUSE_WHERE_TRITON = choices["fused-optimizer"]
-    if "fused-losses" in choices:
-        loss_module.FUSE_LOSSES = choices["fused-losses"]
-
-
-@contextlib.contextmanager
-def chosen(choices: Mapping[str, bool], device_type: str) -> Iterator[None]:
-    """`choices` in effect inside the block, the previous ones restored after it."""
-    before = current(device_type)
-    apply(choices, device_type)
-    try:
-        yield
-    finally:
-        apply(before, device_type)
-
-
-def describe(choices: Mapping[str, bool]) -> str:
-    """``radix on, latent-major off, ...`` in `SWITCHES` order."""
-    return ", ".join(f"{s} {'on' if choices[s] else 'off'}" for s in SWITCHES if s in choices)
-
-
-# ---------------------------------------------------------------- the files
-
-
-def user_file() -> Path:
-    """Where `tune` stores results and `use_stored` looks first."""
-    if os.environ.get(FILE_VAR):
-        return Path(os.environ[FILE_VAR]).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "saetrain" / "kernel-tuning.json"
-
-
-def device_key(device: torch.device) -> str:
-    """The name results are stored under: the GPU model and its compute capability."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return f"{device.type} (Triton interpreter)"
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
-
-
-def read_file(path: Path) -> dict:
-    """A tuning file's contents, ``{"version": 1, "devices": {key: entry}}``; a missing file
-    reads as empty, an unreadable one is a one-line ValueError saying what to do."""
-    path = Path(path)
-    if not path.exists():
-        return {"version": FORMAT_VERSION, "devices": {}}
-    try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict) or not isinstance(data.get("devices"), dict):
-            raise ValueError("no 'devices' table")
-        for key, entry in data["devices"].items():
-            _checked(entry["choices"], f"the entry for {key!r}")
-    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
-        raise ValueError(
-            f"{path} is not a saetrain kernel-tuning file ({' '.join(str(e).split())}); "
-            f"delete it or point {FILE_VAR} elsewhere, then rerun `python -m saetrain "
-            "tune-kernels`"
-        ) from None
-    return data
-
-
-def write_entry(path: Path, key: str, entry: dict) -> None:
-    """Store `entry` under `key` in the file at `path`, keeping the other devices' entries;
-    written to a temporary file and renamed, so a kill leaves the old file whole."""
-    path = Path(path)
-    data = read_file(path)  # an unreadable file is refused before anything is written
-    data["version"] = FORMAT_VERSION
-    data["devices"][key] = entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
-def stored(key: str) -> tuple[dict, Path] | None:
-    """The stored entry for `key` and the file it came from: the user's, then the shipped."""
-    for path in (user_file(), SHIPPED_FILE):
-        entry = read_file(path)["devices"].get(key)
-        if entry is not None:
-            return entry, path
-    return None
-
-
-def use_stored(device: torch.device, log: Callable[[str], None] = print) -> Choices | None:
-    """Apply the choices stored for `device`'s GPU model, if any; returns them (None: none
-    stored, not a device the Triton kernels run on, or SAETRAIN_KERNEL_OPTIONS decides)."""
-    device = torch.device(device)
-    if device.type != "cuda" or not _backend.use_triton(device):
-        return None
-    key = device_key(device)
-    found = stored(key)
-    if found is None:
-        log(f"saetrain kernels on {key}: built-in choices ({describe(current('cuda'))}); "
-            "`python -m saetrain tune-kernels` times the alternatives on this GPU")  # fmt: skip
-        return None
-    entry, path = found
-    if _backend.KERNEL_OPTIONS or os.environ.get(_backend.OPTIONS_VAR, "").strip():
-        log(f"saetrain kernels on {key}: {_backend.OPTIONS_VAR} is set, so it decides and the "
-            f"choices tuned in {path} are not applied")  # fmt: skip
-        return None
-    apply(entry["choices"], "cuda")
-    shape = entry.get("shape", {})
-    log(
-        f"saetrain kernels on {key}: {describe(entry['choices'])} (tuned {entry.get('date', '?')}"
-        f" at d_in {shape.get('d_in')}, {shape.get('num_latents')} latents, k {shape.get('k')}, "
-        f"batch {shape.get('batch')}, {entry.get('precision')}; {path})"
-    )
-    return dict(entry["choices"])
 
 
 # ---------------------------------------------------------------- timing
@@ -247,7 +71,7 @@ class TuneConfig:
     k: int = 32
     k_aux: int | None = None
     batch: int = 4096
-    precision: str = "bf16"
+    precision: Literal["bf16", "fp32"] = "bf16"
     dead_fraction: float = 0.01
     rounds: int = 10
     margin: float = 0.03

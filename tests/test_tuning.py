@@ -1,6 +1,6 @@
-"""`python -m saetrain tune-kernels` and the stored kernel choices: the files, their lookup
-and precedence, the tie-aware selection check, and one-line errors. (The timing runs through
-the Triton kernels: `test_triton_tune_*` in test_kernels.py, under the interpreter.)"""
+"""`python -m saetrain tune-kernels` and the stored kernel choices (`saetrain.kernel_choices`):
+the files, their lookup and precedence, the tie-aware selection check, and one-line errors.
+(The timing runs through the Triton kernels: `test_triton_tune_*` in test_kernels.py.)"""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 import yaml
 from saetrain.kernels import EncodeOutput, _backend
 
+from saetrain import kernel_choices as choices
 from saetrain import optim, tuning
 from saetrain.cli import main
 
@@ -41,8 +42,8 @@ def switches(monkeypatch):
 def files(tmp_path, monkeypatch):
     """The user's tuning file and the shipped one, both in tmp_path."""
     user, shipped = tmp_path / "user" / "tuning.json", tmp_path / "shipped.json"
-    monkeypatch.setenv(tuning.FILE_VAR, str(user))
-    monkeypatch.setattr(tuning, "SHIPPED_FILE", shipped)
+    monkeypatch.setenv(choices.FILE_VAR, str(user))
+    monkeypatch.setattr(choices, "SHIPPED_FILE", shipped)
     return user, shipped
 
 
@@ -51,30 +52,30 @@ def entry(**choices) -> dict:
 
 
 def test_apply_sets_each_switch_for_the_device_and_chosen_restores_them(switches):
-    before = tuning.current("cuda")
+    before = choices.current("cuda")
     flipped = {name: not on for name, on in before.items()}
-    with tuning.chosen(flipped, "cuda"):
-        assert tuning.current("cuda") == flipped
+    with choices.chosen(flipped, "cuda"):
+        assert choices.current("cuda") == flipped
         assert ("cuda" in topk_module.RADIX_DEVICES) == flipped["radix"]
         assert sparse_ops.LATENT_MAJOR == flipped["latent-major"]
         assert encode_module.FUSE_ON_CUDA == flipped["fused-encoder"]
         assert optim.FUSE_WHERE_TRITON == flipped["fused-optimizer"]
         assert loss_module.FUSE_LOSSES == flipped["fused-losses"]
         assert "cpu" in topk_module.GROUPED_DEVICES  # another device's choice is its own
-    assert tuning.current("cuda") == before
+    assert choices.current("cuda") == before
     with pytest.raises(ValueError, match=r"names 'fast'; the switches are fused-encoder, "):
-        tuning.apply({"fast": True}, "cuda")
+        choices.apply({"fast": True}, "cuda")
     with pytest.raises(ValueError, match="must be true or false"):
-        tuning.apply({"radix": "yes"}, "cuda")
+        choices.apply({"radix": "yes"}, "cuda")
 
 
 def test_entries_are_stored_per_device_and_written_whole(files):
     user, _ = files
-    tuning.write_entry(user, "GPU A (sm_90)", entry(radix=True))
-    tuning.write_entry(user, "GPU B (sm_80)", entry(radix=False))
-    tuning.write_entry(user, "GPU A (sm_90)", entry(radix=False, **{"latent-major": True}))
+    choices.write_entry(user, "GPU A (sm_90)", entry(radix=True))
+    choices.write_entry(user, "GPU B (sm_80)", entry(radix=False))
+    choices.write_entry(user, "GPU A (sm_90)", entry(radix=False, **{"latent-major": True}))
     data = json.loads(user.read_text())
-    assert data["version"] == tuning.FORMAT_VERSION
+    assert data["version"] == choices.FORMAT_VERSION
     assert data["devices"]["GPU A (sm_90)"]["choices"] == {"radix": False, "latent-major": True}
     assert data["devices"]["GPU B (sm_80)"]["choices"] == {"radix": False}
     assert sorted(p.name for p in user.parent.iterdir()) == ["tuning.json"]  # no temp left
@@ -82,12 +83,12 @@ def test_entries_are_stored_per_device_and_written_whole(files):
 
 def test_the_users_file_comes_before_the_shipped_one(files):
     user, shipped = files
-    assert tuning.stored("GPU A (sm_90)") is None
-    tuning.write_entry(shipped, "GPU A (sm_90)", entry(radix=True))
-    tuning.write_entry(shipped, "GPU B (sm_80)", entry(radix=True))
-    tuning.write_entry(user, "GPU A (sm_90)", entry(radix=False))
-    assert tuning.stored("GPU A (sm_90)") == (entry(radix=False), user)
-    assert tuning.stored("GPU B (sm_80)") == (entry(radix=True), shipped)
+    assert choices.stored("GPU A (sm_90)") is None
+    choices.write_entry(shipped, "GPU A (sm_90)", entry(radix=True))
+    choices.write_entry(shipped, "GPU B (sm_80)", entry(radix=True))
+    choices.write_entry(user, "GPU A (sm_90)", entry(radix=False))
+    assert choices.stored("GPU A (sm_90)") == (entry(radix=False), user)
+    assert choices.stored("GPU B (sm_80)") == (entry(radix=True), shipped)
 
 
 @pytest.mark.parametrize("text", ["{not json", '{"devices": []}', '{"devices": {"G": {}}}'])
@@ -95,7 +96,7 @@ def test_an_unreadable_file_is_refused_in_one_line_and_left_as_it_was(files, tex
     user, _ = files
     user.parent.mkdir(parents=True)
     user.write_text(text)
-    for call in (lambda: tuning.stored("G"), lambda: tuning.write_entry(user, "G", entry())):
+    for call in (lambda: choices.stored("G"), lambda: choices.write_entry(user, "G", entry())):
         with pytest.raises(ValueError) as info:
             call()
         message = str(info.value)
@@ -109,24 +110,24 @@ def test_fit_applies_the_choices_stored_for_its_gpu_unless_the_environment_decid
 ):
     user, _ = files
     cuda = torch.device("cuda", 0)  # never touched: the key is patched
-    monkeypatch.setattr(tuning, "device_key", lambda device: "GPU A (sm_90)")
+    monkeypatch.setattr(choices, "device_key", lambda device: "GPU A (sm_90)")
     monkeypatch.setattr(_backend, "KERNEL_OPTIONS", frozenset())
     monkeypatch.delenv(_backend.OPTIONS_VAR, raising=False)
     lines = []
-    assert tuning.use_stored(cuda, log=lines.append) is None  # nothing stored yet
+    assert choices.use_stored(cuda, log=lines.append) is None  # nothing stored yet
     assert "built-in choices" in lines[-1] and "tune-kernels" in lines[-1]
-    choices = {"radix": True, "latent-major": True, "fused-optimizer": False}
-    tuning.write_entry(user, "GPU A (sm_90)", entry(**choices))
-    assert tuning.use_stored(torch.device("cpu"), log=lines.append) is None  # not a GPU
-    assert tuning.use_stored(cuda, log=lines.append) == choices
+    stored_choices = {"radix": True, "latent-major": True, "fused-optimizer": False}
+    choices.write_entry(user, "GPU A (sm_90)", entry(**stored_choices))
+    assert choices.use_stored(torch.device("cpu"), log=lines.append) is None  # not a GPU
+    assert choices.use_stored(cuda, log=lines.append) == stored_choices
     assert "cuda" in topk_module.RADIX_DEVICES and sparse_ops.LATENT_MAJOR
     assert not optim.FUSE_WHERE_TRITON
     assert lines[-1].startswith("saetrain kernels on GPU A (sm_90): radix on, latent-major on")
     assert str(user) in lines[-1]
 
-    tuning.apply({"radix": False, "latent-major": False, "fused-optimizer": True}, "cuda")
+    choices.apply({"radix": False, "latent-major": False, "fused-optimizer": True}, "cuda")
     monkeypatch.setenv(_backend.OPTIONS_VAR, "radix")
-    assert tuning.use_stored(cuda, log=lines.append) is None
+    assert choices.use_stored(cuda, log=lines.append) is None
     assert "SAETRAIN_KERNEL_OPTIONS is set, so it decides" in lines[-1]
     assert not sparse_ops.LATENT_MAJOR and optim.FUSE_WHERE_TRITON
 
@@ -137,14 +138,14 @@ def tied_bench():
     cfg = tuning.TuneConfig(d_in=16, num_latents=64, k=4, batch=8, precision="fp32")
     bench = tuning._Bench(cfg, torch.device("cpu"))
     bench.dead = torch.arange(64) >= 48
-    out = bench.select(tuning.current("cpu"))
+    out = bench.select(choices.current("cpu"))
     kth = int(out.latent_indices[0, -1])
     picked = set(out.latent_indices[0].tolist())
     twin = next(j for j in range(48) if j not in picked)
     with torch.no_grad():
         bench.sae.W_enc[twin] = bench.sae.W_enc[kth]
         bench.sae.b_enc[twin] = bench.sae.b_enc[kth]
-    return bench, bench.select(tuning.current("cpu")), twin, kth
+    return bench, bench.select(choices.current("cpu")), twin, kth
 
 
 def test_the_selection_check_accepts_either_latent_of_a_tie_and_nothing_else():
@@ -225,7 +226,7 @@ def test_tune_kernels_passes_its_options_on_and_stores_unless_told_not_to(
     cfg, device = got[-1]
     assert (cfg.d_in, cfg.num_latents, cfg.k, cfg.batch) == (64, 512, 8, 256)
     assert (cfg.precision, cfg.margin, device) == ("fp32", 0.1, "cuda:1")
-    assert tuning.stored("GPU A (sm_90)")[0]["choices"] == {"radix": True}
+    assert choices.stored("GPU A (sm_90)")[0]["choices"] == {"radix": True}
     assert f"stored for GPU A (sm_90) in {user}" in capsys.readouterr().out
 
 
