@@ -11,7 +11,8 @@ The encoder is ``pre_acts = (x - b_dec) @ W_enc.T + b_enc`` followed by Top-k an
 decoder is ``x_hat = latent_acts @ W_dec[latent_indices] + b_dec``. Rows of ``W_dec`` are kept at
 unit norm: train with :class:`saetrain.DecoderNormAdam` (``decoders=[sae.W_dec]``), or call
 :meth:`SAE.remove_parallel_grad` before each optimizer step and :meth:`SAE.normalize_decoder`
-after it. The sparse parts (top-k encoder backward, decode) run through :mod:`saetrain.kernels`.
+after it. The sparse parts (top-k encoder backward, decode) and the losses run through
+:mod:`saetrain.kernels`.
 
 Under FSDP (``fully_shard``, as ``SAEModule`` applies it for ``--trainer.strategy fsdp2``) the
 parameters are row-sharded DTensors between steps: every rank holds whole rows of ``W_enc`` and
