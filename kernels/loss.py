@@ -72,6 +72,17 @@ if HAS_TRITON:
         return tl.where(mask, xs - xs_hat, 0.0), xs_hat
 
     @triton.jit
+    def _store(ptr, offs, x, mask):
+        """Store fp32 `x` in ptr's dtype, rounded to nearest (even). For bf16 the rounding is
+        done here, in integer bits: GPUs round fp32 -> bf16 casts to nearest, but Triton's CPU
+        interpreter truncates them, and the tests compare with torch's rounding."""
+        if ptr.dtype.element_ty == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits += 0x7FFF + ((bits >> 16) & 1)
+            x = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+        tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _losses_kernel(
         xs_ptr, dec_ptr, b_ptr, eh_ptr, scale_ptr, x_hat_ptr, partial_ptr, B, D,
         HAS_AUX: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -81,7 +92,7 @@ if HAS_TRITON:
         offs, mask, cols = _tile(B, D, BLOCK_B, BLOCK_D)
         err, xs_hat = _err(xs_ptr, dec_ptr, b_ptr, offs, mask, cols, D)
         scale = tl.load(scale_ptr).to(tl.float32)
-        tl.store(x_hat_ptr + offs, (xs_hat / scale).to(x_hat_ptr.dtype.element_ty), mask=mask)
+        _store(x_hat_ptr, offs, xs_hat / scale, mask)
         pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
         tl.store(partial_ptr + 2 * pid, tl.sum(tl.sum(err * err, axis=1), axis=0))
         if HAS_AUX:
@@ -105,13 +116,13 @@ if HAS_TRITON:
         if HAS_GXH:
             gxh = tl.load(gxh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             g += gxh * tl.load(coef_ptr + 2)
-        tl.store(g_dec_ptr + offs, g.to(g_dec_ptr.dtype.element_ty), mask=mask)
+        _store(g_dec_ptr, offs, g, mask)
         col_offs = tl.program_id(0).to(tl.int64) * D + cols
         tl.store(col_ptr + col_offs, tl.sum(g, axis=0), mask=cols < D)
         if HAS_AUX:
             eh = tl.load(eh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             g_eh = tl.load(coef_ptr + 1) * (err - eh)
-            tl.store(g_eh_ptr + offs, g_eh.to(g_eh_ptr.dtype.element_ty), mask=mask)
+            _store(g_eh_ptr, offs, g_eh, mask)
 
 
 # (BLOCK_B, BLOCK_D) and warps on a GPU: 16 values a thread per tensor. Compiled for sm_90
