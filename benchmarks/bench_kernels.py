@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import time
 from unittest import mock
 
 import torch
@@ -52,6 +51,7 @@ from saetrain.kernels._backend import triton_interpreted
 from saetrain.kernels.topk import select_topk
 
 from saetrain.optim import DecoderNormAdam
+from saetrain.tuning import best_times
 
 
 def make_sae(d_in: int, num_latents: int, device: str) -> dict[str, torch.nn.Parameter]:
@@ -179,22 +179,6 @@ def make_train_step(
             normalize_torch_(W_dec)
 
     return step
-
-
-def best_times(fns: dict, rounds: int) -> dict[str, float]:
-    """Seconds per call of each fn: one warm-up, then the fastest of `rounds` interleaved."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
-    for fn in fns.values():
-        fn()
-    best = {name: float("inf") for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def bench_steps(args, dtype_name: str) -> None:

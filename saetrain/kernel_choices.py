@@ -53,12 +53,16 @@ Choices = dict[str, bool]
 # ---------------------------------------------------------------- the switches
 
 
+def _fused_flag(device_type: str) -> str:
+    """The `encode` flag that turns the fused encoder on for `device_type`."""
+    return "FUSE_ON_CUDA" if device_type == "cuda" else "FUSE_UNDER_INTERPRETER"
+
+
 def current(device_type: str) -> Choices:
     """The choices in effect for tensors on `device_type` ("cuda"; "cpu" under Triton's
     interpreter, where the fused encoder follows ``encode.FUSE_UNDER_INTERPRETER``)."""
-    fused = encode_module.FUSE_ON_CUDA if device_type == "cuda" else None
     return {
-        "fused-encoder": encode_module.FUSE_UNDER_INTERPRETER if fused is None else fused,
+        "fused-encoder": getattr(encode_module, _fused_flag(device_type)),
         "radix": device_type in topk_module.RADIX_DEVICES,
         "grouped-topk": device_type in topk_module.GROUPED_DEVICES,
         "latent-major": sparse_ops.LATENT_MAJOR,
@@ -87,8 +91,7 @@ def apply(choices: Mapping[str, bool], device_type: str) -> None:
         return devices | {device_type} if on else devices - {device_type}
 
     if "fused-encoder" in choices:
-        name = "FUSE_ON_CUDA" if device_type == "cuda" else "FUSE_UNDER_INTERPRETER"
-        setattr(encode_module, name, choices["fused-encoder"])
+        setattr(encode_module, _fused_flag(device_type), choices["fused-encoder"])
     if "radix" in choices:
         topk_module.RADIX_DEVICES = member(topk_module.RADIX_DEVICES, choices["radix"])
     if "grouped-topk" in choices:
@@ -194,7 +197,7 @@ def use_stored(device: torch.device, log: Callable[[str], None] = print) -> Choi
             "`python -m saetrain tune-kernels` times the alternatives on this GPU")  # fmt: skip
         return None
     entry, path = found
-    if _backend.KERNEL_OPTIONS or os.environ.get(_backend.OPTIONS_VAR, "").strip():
+    if _backend.KERNEL_OPTIONS:  # read from the environment at import, and applied there
         log(f"saetrain kernels on {key}: {_backend.OPTIONS_VAR} is set, so it decides and the "
             f"choices tuned in {path} are not applied")  # fmt: skip
         return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import math
 import time
@@ -94,21 +95,26 @@ class TuneConfig:
 Clock = Callable[[dict[str, Choices], Callable[[Choices], None], int], dict[str, float]]
 
 
-def best_times(configs: dict[str, Choices], run: Callable[[Choices], None], rounds: int):
-    """Seconds per step of each config: one warm-up each (compiles, autotunes), then the
-    fastest of `rounds` runs, interleaved so that drift on the machine hits all alike."""
+def best_times(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Seconds per call of each fn: one warm-up each (compiles, autotunes), then the fastest
+    of `rounds` calls, interleaved so that drift on the machine hits all alike."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for choices in configs.values():
-        run(choices)
-    best = dict.fromkeys(configs, math.inf)
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, math.inf)
     for _ in range(rounds):
-        for name, choices in configs.items():
+        for name, fn in fns.items():
             sync()
             start = time.perf_counter()
-            run(choices)
+            fn()
             sync()
             best[name] = min(best[name], time.perf_counter() - start)
     return best
+
+
+def time_configs(configs: dict[str, Choices], run: Callable[[Choices], None], rounds: int):
+    """The default `Clock`: `best_times` of one step under each config."""
+    return best_times({name: functools.partial(run, c) for name, c in configs.items()}, rounds)
 
 
 class _Bench:
@@ -199,6 +205,10 @@ def _selection_error(bench: _Bench, out, reference, tol: float) -> str | None:
 # decodes' outputs) that rounds to bf16 the other way, up to 2^-9 an entry (Triton's CPU
 # interpreter truncates where GPUs round to nearest, which costs about 0.4% in norm).
 GRAD_TOL = {"fp32": 1e-3, "bf16": 1e-2}
+# Relative error allowed between the selected values of two ways of selecting (each value
+# against the largest): the fused encoder rounds its pre-activations once, cuBLAS's output
+# its own way, a bf16 ulp (2^-8) apart at most.
+SELECTION_TOL = {"fp32": 1e-3, "bf16": 2e-2}
 
 
 def check_variant(
@@ -284,7 +294,7 @@ def check_device(device: torch.device) -> None:
 def tune(
     cfg: TuneConfig,
     device: str | torch.device = "cuda",
-    clock: Clock = best_times,
+    clock: Clock = time_configs,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Time the switches at `cfg`'s shape on `device` and return the entry to store (see the
@@ -301,7 +311,6 @@ def tune(
 def _tune(cfg: TuneConfig, device: torch.device, clock: Clock, log: Callable[[str], None]):
     start = current(device.type)
     bench = _Bench(cfg, device)
-    tol = 2e-2 if cfg.precision == "bf16" else 1e-3
     key = device_key(device)
     k_aux = min(bench.sae.cfg.k_aux, int(bench.dead.sum()))
     log(
@@ -314,7 +323,8 @@ def _tune(cfg: TuneConfig, device: torch.device, clock: Clock, log: Callable[[st
         if not _applies(switch, choices, cfg):
             continue
         flipped = {**choices, switch: not choices[switch]}
-        why = check_variant(bench, flipped, choices, tol, GRAD_TOL[cfg.precision])
+        tols = SELECTION_TOL[cfg.precision], GRAD_TOL[cfg.precision]
+        why = check_variant(bench, flipped, choices, *tols)
         if why is not None:
             rejected[switch] = why
             log(f"  {switch} {'on' if flipped[switch] else 'off'}: REJECTED, {why} on this GPU")
