@@ -4,6 +4,13 @@
 #
 #   OUT=/tmp/gpu bash scripts/gpu_check.sh      # the log lands in $OUT/gpu_check.log
 #   SWEEP=1 OUT=/tmp/gpu bash scripts/gpu_check.sh   # also sweep the fused encoder's tiles
+#   REHEARSE=1 OUT=/tmp/gpu bash scripts/gpu_check.sh  # every step at tiny sizes on a CPU
+#
+# REHEARSE runs each step of the script as a GPU session would, at tiny sizes, without a GPU:
+# the pytest steps only collect their tests, the benchmarks run torch's kernels, and
+# tune-kernels runs the Triton kernels under Triton's interpreter. It checks the script's
+# plumbing (its flags, the files it writes, the summary's lines), so that a rare GPU session is
+# not spent on a broken command; tests/test_benchmarks.py runs it in CI.
 #
 # It needs torch and triton with a CUDA GPU, nothing else installed: saetrain runs from the
 # checkout (saetrain.kernels is linked to kernels/ as the installed package maps it).
@@ -21,40 +28,72 @@
 # writes them to $OUT/tuned.json: commit that file as kernels/tuned.json, and every user on
 # this GPU model starts from the choices it measured.
 set -u
+PY=${PYTHON:-python3}  # the GPU image's python3 holds torch
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-[ -e saetrain/kernels ] || ln -s ../kernels saetrain/kernels
-bench="python3 benchmarks/bench_kernels.py --rounds 5"
+# saetrain.kernels is kernels/ (pyproject.toml maps it): link it where saetrain is not installed.
+$PY -c "import saetrain.kernels" 2>/dev/null || [ -e saetrain/kernels ] ||
+    ln -s ../kernels saetrain/kernels
+bench="$PY benchmarks/bench_kernels.py --rounds 5"
+wide="--d-in 3072 --num-latents 24576"  # the GPU shape (k 32, 4096 tokens by default)
+big_batch="--batch 16384"
+# tune-kernels without saetrain.cli, which needs jsonargparse and datasets (not on the GPU image)
+tune="from saetrain.tuning import run_tune; import sys; run_tune(sys.argv[1:])"
+tune_env="" tune_flags=""
+first=$bench collect="" scale=1
+if [ -n "${REHEARSE:-}" ]; then
+    export TRITON_INTERPRET=1
+    # The first benchmark runs the Triton kernels under the interpreter (its lines decide the
+    # defaults); the rest run torch's, which print the same rows but for those decisions.
+    first="env SAETRAIN_KERNELS=triton $bench --rounds 1 --batch 32 --k 4"
+    bench="env SAETRAIN_KERNELS=torch $bench --rounds 1 --batch 32 --k 4"
+    wide="--d-in 32 --num-latents 256"
+    big_batch=""
+    tune_env="SAETRAIN_KERNELS=triton"
+    tune_flags="--device cpu --d-in 16 --num-latents 128 --k 4 --batch 16 --rounds 1"
+    collect="--collect-only"
+    scale=4  # Triton's interpreter and a 2-core CI machine
+fi
+step() {  # step SECONDS COMMAND...: run it under a time limit; say so if it ran out or failed
+    local limit=$(($1 * scale))
+    shift
+    timeout "$limit" "$@"
+    local rc=$?
+    if [ "$rc" -eq 124 ]; then echo "TIMED OUT after ${limit} s: $*"; fi
+    if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ]; then echo "FAILED (exit $rc): $*"; fi
+    return 0
+}
 {
-    # Timeouts add up to 590 s, under a device call's 600 s; the most telling lines come first.
-    # The first steps compile most kernels (every autotune config of each, about 1 s apiece,
-    # cached on disk for the later steps), hence their share.
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+    # Time limits add up to 590 s, under a device call's 600 s; the most telling lines come
+    # first. The first steps compile most kernels (every autotune config of each, about 1 s
+    # apiece, cached on disk for the later steps), hence their share.
+    [ -n "${REHEARSE:-}" ] && echo "REHEARSAL: tiny sizes on the CPU, no GPU" ||
+        nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
     echo "== GPU correctness: training sizes (batch, widths, the decoder's optimizer step)"
-    timeout 140 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "gpu"
+    step 140 $PY -m pytest -q -p no:cacheprovider $collect tests/test_kernels.py -k "gpu"
     echo "== GPU correctness: whole training steps, latent-major sums, radix select, small"
-    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+    step 60 $PY -m pytest -q -p no:cacheprovider $collect tests/test_kernels.py \
         -k "(training_step or latent_major or decoder_adam or radix) and not gpu"
     echo "== d_in=3072, num_latents=24576, k=32, B=4096 (the issue's GPU target)"
-    timeout 150 $bench --d-in 3072 --num-latents 24576 --dtypes bf16 --parts ${SWEEP:+--sweep}
+    step 150 $first $wide --dtypes bf16 --parts ${SWEEP:+--sweep}
     echo "== tune-kernels at the issue's shape: \$OUT/tuned.json is kernels/tuned.json to commit"
-    timeout 60 python3 -c "from saetrain.tuning import run_tune; import sys; run_tune(sys.argv[1:])" \
-        --rounds 5 --out "$OUT/tuned.json"
+    step 60 env $tune_env $PY -c "$tune" --rounds 5 $tune_flags --out "$OUT/tuned.json"
     echo "== the same at B=16384 (at B=4096 fused Adam alone caps any step near 0.45x the floor)"
-    timeout 70 $bench --d-in 3072 --num-latents 24576 --dtypes bf16 --batch 16384
+    step 70 $bench $wide --dtypes bf16 $big_batch
     echo "== fp32 at the issue's shape"
-    timeout 40 $bench --d-in 3072 --num-latents 24576 --dtypes fp32 --parts
+    step 40 $bench $wide --dtypes fp32 --parts
     echo "== 10% dead: AuxK's dense-over-dead-rows path at its largest"
-    timeout 30 $bench --d-in 3072 --num-latents 24576 --dtypes bf16 --dead-fraction 0.1 --rounds 3
+    step 30 $bench $wide --dtypes bf16 --dead-fraction 0.1 --rounds 3
     echo "== d_in=576, num_latents=16384, k=32, B=4096 (the CPU benchmark's shape)"
-    timeout 40 $bench --dtypes fp32,bf16 --parts
+    step 40 $bench --dtypes fp32,bf16 --parts
 } 2>&1 | tee "$OUT/gpu_check.log"
-# The lines that decide defaults and report the targets, gathered at the end in run order.
-{
-    echo "== summary: decisions and targets (each block above, in order)"
-    lines="^== |passed|failed|x floor speed|no step beats|grouped is|fused is|latent-major is"
-    lines="$lines|^tuned:|a step:|REJECTED|stored for"
-    grep -E "$lines|faster than dense|decoder-norm step,|one pass is|radix is" "$OUT/gpu_check.log"
-} 2>&1 | tee -a "$OUT/gpu_check.log"
+# The lines that decide defaults and report the targets, gathered at the end in run order
+# (read whole before any is appended: grep must not read its own output back from the log).
+lines="^== |passed|failed|x floor speed|no step beats|grouped is|fused is|latent-major is"
+lines="$lines|^tuned:|a step:|REJECTED|stored for|^TIMED OUT|^FAILED"
+lines="$lines|faster than dense|decoder-norm step,|one pass is|radix is"
+summary=$(grep -E "$lines" "$OUT/gpu_check.log")
+printf '%s\n%s\n' "== summary: decisions and targets (each block above, in order)" "$summary" |
+    tee -a "$OUT/gpu_check.log"
