@@ -65,6 +65,9 @@ class TuneConfig:
         margin: A flip is kept only where its step is at least this fraction faster.
         lr: Adam's learning rate during the timing and the checks.
         seed: For the SAE, the batch and the dead latents.
+        budget_s: Seconds for the flips (None: no limit). Once spent, no further switch is
+            checked or timed: those left keep their starting choice and the entry lists them
+            under "not_timed". The final timing of the tuned choices runs regardless.
     """
 
     d_in: int = 3072
@@ -78,6 +81,7 @@ class TuneConfig:
     margin: float = 0.03
     lr: float = 1e-3
     seed: int = 0
+    budget_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp32"):
@@ -296,19 +300,22 @@ def tune(
     device: str | torch.device = "cuda",
     clock: Clock = time_configs,
     log: Callable[[str], None] = print,
+    now: Callable[[], float] = time.monotonic,
 ) -> dict:
     """Time the switches at `cfg`'s shape on `device` and return the entry to store (see the
-    module docstring). The choices in effect before the call are in effect after it."""
+    module docstring). The choices in effect before the call are in effect after it. `now`
+    (seconds) measures `cfg.budget_s`."""
     device = torch.device(device)
     check_device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     # The clock's synchronize waits on the current device: make it this one.
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        return _tune(cfg, device, clock, log)
+        return _tune(cfg, device, clock, log, now)
 
 
-def _tune(cfg: TuneConfig, device: torch.device, clock: Clock, log: Callable[[str], None]):
+def _tune(cfg: TuneConfig, device: torch.device, clock: Clock, log: Callable[[str], None], now):
+    began = now()
     start = current(device.type)
     bench = _Bench(cfg, device)
     key = device_key(device)
@@ -318,9 +325,13 @@ def _tune(cfg: TuneConfig, device: torch.device, clock: Clock, log: Callable[[st
         f"{k_aux} ({int(bench.dead.sum())} dead), batch {cfg.batch}, {cfg.precision}; "
         f"starting from {describe(start)}"
     )
-    choices, comparisons, rejected = dict(start), [], {}
+    choices, comparisons, rejected, not_timed = dict(start), [], {}, []
     for switch in SWITCHES:
         if not _applies(switch, choices, cfg):
+            continue
+        if not_timed or (cfg.budget_s is not None and now() - began > cfg.budget_s):
+            not_timed.append(switch)
+            log(f"  {switch}: not timed, the budget of {cfg.budget_s:g} s is spent")
             continue
         flipped = {**choices, switch: not choices[switch]}
         tols = SELECTION_TOL[cfg.precision], GRAD_TOL[cfg.precision]
@@ -359,6 +370,7 @@ def _tune(cfg: TuneConfig, device: torch.device, clock: Clock, log: Callable[[st
         "speedup": speedup,
         "comparisons": comparisons,
         "rejected": rejected,
+        "not_timed": not_timed,
         "shape": {
             "d_in": cfg.d_in,
             "num_latents": cfg.num_latents,
@@ -468,6 +480,9 @@ def run_tune(argv: list[str]) -> None:
     ):
         flag = "--" + name.replace("_", "-")
         p.add_argument(flag, type=kind, default=getattr(defaults, name), help=help_)
+    p.add_argument("--budget", dest="budget_s", type=float, default=None, metavar="SECONDS",
+                   help="time for the flips: switches left when it is spent keep their "
+                   "starting choice (default: no limit)")  # fmt: skip
     p.add_argument("--device", default="cuda", help="cuda, cuda:N")
     p.add_argument("--out", type=Path, default=None,
                    help=f"the file to store into (default: {user_file()})")  # fmt: skip
@@ -479,7 +494,7 @@ def run_tune(argv: list[str]) -> None:
             shape[name] = getattr(args, name)
     cfg = TuneConfig(
         **shape, rounds=args.rounds, margin=args.margin, seed=args.seed,
-        dead_fraction=args.dead_fraction,
+        dead_fraction=args.dead_fraction, budget_s=args.budget_s,
     )  # fmt: skip
     SAEConfig(cfg.d_in, cfg.num_latents, cfg.k, k_aux=cfg.k_aux)  # its checks, before timing
     out = args.out or user_file()

@@ -79,7 +79,9 @@ step() {  # step SECONDS COMMAND...: run it under a time limit; say so if it ran
     echo "== d_in=3072, num_latents=24576, k=32, B=4096 (the issue's GPU target)"
     step 150 $first $wide --dtypes bf16 --parts ${SWEEP:+--sweep}
     echo "== tune-kernels at the issue's shape: \$OUT/tuned.json is kernels/tuned.json to commit"
-    step 60 env $tune_env $PY -c "$tune" --rounds 5 $tune_flags --out "$OUT/tuned.json"
+    # --budget: flips stop in time for the final timing and the file (else nothing is stored)
+    step 60 env $tune_env $PY -c "$tune" --rounds 5 --budget $((40 * scale)) $tune_flags \
+        --out "$OUT/tuned.json"
     echo "== the same at B=16384 (at B=4096 fused Adam alone caps any step near 0.45x the floor)"
     step 70 $bench $wide --dtypes bf16 $big_batch
     echo "== fp32 at the issue's shape"

@@ -12,6 +12,7 @@ import copy
 import os
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 from unittest import mock
 
@@ -1040,7 +1041,7 @@ def cost_clock(costs: dict, timed: list):
 TUNE_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the interpreter
 
 
-def tune_tiny(monkeypatch, costs, ran):
+def tune_tiny(monkeypatch, costs, ran, now=time.monotonic, **cfg):
     """`tuning.tune` on a tiny bf16 SAE, from CUDA's default choices."""
     from saetrain import optim, tuning
 
@@ -1051,12 +1052,13 @@ def tune_tiny(monkeypatch, costs, ran):
     monkeypatch.setattr(sparse_ops, "LATENT_MAJOR", False)
     monkeypatch.setattr(optim, "FUSE_WHERE_TRITON", True)
     monkeypatch.setattr(loss_module, "FUSE_LOSSES", True)
-    cfg = tuning.TuneConfig(d_in=16, num_latents=128, k=4, batch=16, dead_fraction=0.2)
+    cfg = tuning.TuneConfig(d_in=16, num_latents=128, k=4, batch=16, dead_fraction=0.2, **cfg)
     lines = []
     previous = set_backend("triton")
     try:
         before = tuning.current(TUNE_DEVICE)
-        entry = tuning.tune(cfg, TUNE_DEVICE, clock=cost_clock(costs, ran), log=lines.append)
+        clock = cost_clock(costs, ran)
+        entry = tuning.tune(cfg, TUNE_DEVICE, clock=clock, log=lines.append, now=now)
     finally:
         set_backend(previous)
     assert tuning.current(TUNE_DEVICE) == before  # tuning leaves the choices as they were
@@ -1083,6 +1085,24 @@ def test_triton_tune_keeps_each_flip_that_is_faster_by_the_margin(monkeypatch):
                               "dead_fraction": 0.2}  # fmt: skip
     assert 1 <= entry["shape"]["k_aux"] <= 8
     assert f"tuned: {tuning.describe(entry['choices'])}" in log
+
+
+@pytest.mark.skipif(not TRITON_RUNS_HERE, reason="see test_triton_cases_pass_in_a_fresh_...")
+def test_triton_tune_stops_flipping_when_its_budget_is_spent(monkeypatch):
+    # A clock that reads 10 s more each time: the flips start at 10 and 20 s, inside a 25 s
+    # budget (grouped-topk is moot once radix is on); at 30 s the budget is spent, so every
+    # later switch keeps its starting choice.
+    readings = iter(range(0, 10_000, 10))
+    ran = []
+    start, entry, log = tune_tiny(
+        monkeypatch, SWITCH_COSTS, ran, now=lambda: next(readings), budget_s=25
+    )
+    assert [c["switch"] for c in entry["comparisons"]] == ["fused-encoder", "radix"]
+    assert entry["not_timed"] == ["latent-major", "fused-optimizer", "fused-losses"]
+    assert entry["choices"] == {**start, "radix": True}  # the flips timed in time still count
+    assert "  latent-major: not timed, the budget of 25 s is spent" in log
+    assert ran[-2:] == [start, entry["choices"]]  # the final timing ran regardless
+    assert entry["rejected"] == {}
 
 
 @pytest.mark.skipif(not TRITON_RUNS_HERE, reason="see test_triton_cases_pass_in_a_fresh_...")

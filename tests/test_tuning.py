@@ -221,10 +221,11 @@ def test_tune_kernels_passes_its_options_on_and_stores_unless_told_not_to(
     args = "tune-kernels --d-in 64 --num-latents 512 --k 8 --batch 256 --precision fp32"
     assert main([*args.split(), "--dry-run"]) == 0
     assert not user.exists()
-    assert main([*args.split(), "--device", "cuda:1", "--margin", "0.1"]) == 0
+    assert got[-1][0].budget_s is None
+    assert main([*args.split(), "--device", "cuda:1", "--margin", "0.1", "--budget", "40"]) == 0
     cfg, device = got[-1]
     assert (cfg.d_in, cfg.num_latents, cfg.k, cfg.batch) == (64, 512, 8, 256)
-    assert (cfg.precision, cfg.margin, device) == ("fp32", 0.1, "cuda:1")
+    assert (cfg.precision, cfg.margin, cfg.budget_s, device) == ("fp32", 0.1, 40.0, "cuda:1")
     assert choices.stored("GPU A (sm_90)")[0]["choices"] == {"radix": True}
     assert f"stored for GPU A (sm_90) in {user}" in capsys.readouterr().out
 
