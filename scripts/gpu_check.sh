@@ -32,6 +32,9 @@ PY=${PYTHON:-python3}  # the GPU image's python3 holds torch
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Autotuners keep their timings on disk (Triton's own switch; off under the interpreter): the
+# steps after the first reuse them at the same shapes, so tune-kernels' 60 s go to its flips.
+export TRITON_CACHE_AUTOTUNING=1
 # saetrain.kernels is kernels/ (pyproject.toml maps it): link it where saetrain is not installed.
 $PY -c "import saetrain.kernels" 2>/dev/null || [ -e saetrain/kernels ] ||
     ln -s ../kernels saetrain/kernels
