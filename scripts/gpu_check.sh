@@ -49,8 +49,9 @@ if [ -n "${REHEARSE:-}" ]; then
     export TRITON_INTERPRET=1
     # The first benchmark runs the Triton kernels under the interpreter (its lines decide the
     # defaults); the rest run torch's, which print the same rows but for those decisions.
-    first="env SAETRAIN_KERNELS=triton $bench --rounds 1 --batch 32 --k 4"
-    bench="env SAETRAIN_KERNELS=torch $bench --rounds 1 --batch 32 --k 4"
+    tiny="--rounds 1 --batch 32 --k 4"
+    first="env SAETRAIN_KERNELS=triton $bench $tiny"
+    bench="env SAETRAIN_KERNELS=torch $bench $tiny"
     wide="--d-in 32 --num-latents 256"
     big_batch=""
     tune_env="SAETRAIN_KERNELS=triton"
