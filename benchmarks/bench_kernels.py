@@ -524,7 +524,7 @@ def bench_parts(args, dtype_name: str) -> None:
         state = "on" if loss_module.FUSE_LOSSES else "off"
         print(
             f"  losses: one pass is {ratio:.2f}x the speed of the torch ops "
-            f"({moved / one_pass / 1e9:.0f} GB/s; kernels/loss.py FUSE_LOSSES: {state})"
+            f"({moved / one_pass / 1e9:.0f} GB/s; saetrain/kernels/loss.py FUSE_LOSSES: {state})"
         )
     moved = 4 * W_norm.numel() * W_norm.element_size()  # W and G: read once, written once
     for name in ("ours", "torch ops"):

@@ -4,23 +4,23 @@ Six switches choose between ways of running the same SAE step (`SWITCHES`); whic
 depends on the GPU, Triton's version and the SAE's shape:
 
 - ``fused-encoder``: the fused matmul + top-k encoder kernel, or cuBLAS's matmul then a
-  selection (``kernels/encode.py`` FUSE_ON_CUDA);
-- ``radix``: the radix-select top-k kernel for those selections (``kernels/topk.py``
+  selection (``saetrain/kernels/encode.py`` FUSE_ON_CUDA);
+- ``radix``: the radix-select top-k kernel for those selections (``saetrain/kernels/topk.py``
   RADIX_DEVICES);
 - ``grouped-topk``: torch.topk on the maxima of column groups first (GROUPED_DEVICES);
 - ``latent-major``: weight-gradient rows summed latent-major, without atomics
-  (``kernels/sparse_ops.py`` LATENT_MAJOR);
+  (``saetrain/kernels/sparse_ops.py`` LATENT_MAJOR);
 - ``fused-optimizer``: the decoder's projection, Adam update and renormalisation in one pass
   (``saetrain/optim.py`` FUSE_WHERE_TRITON);
 - ``fused-losses``: the reconstruction, FVU and AuxK loss in one pass forward and one
-  backward (``kernels/loss.py`` FUSE_LOSSES).
+  backward (``saetrain/kernels/loss.py`` FUSE_LOSSES).
 
 :func:`current`, :func:`apply` and :func:`chosen` read and set them. ``python -m saetrain
 tune-kernels`` (:mod:`saetrain.tuning`) times them on a GPU and stores the winners per GPU
 model in a JSON file; ``fit`` applies the stored choices for its GPU when training starts
 (:func:`use_stored`). Lookup order: the user's file (``$SAETRAIN_TUNING_FILE``, else
 ``$XDG_CACHE_HOME/saetrain/kernel-tuning.json``, else ``~/.cache/...``), then the file shipped
-in the package (``kernels/tuned.json``, written by the project's own GPU runs). A set
+in the package (``saetrain/kernels/tuned.json``, written by the project's own GPU runs). A set
 ``SAETRAIN_KERNEL_OPTIONS`` decides instead of either.
 """
 

@@ -13,19 +13,19 @@
 # not spent on a broken command; tests/test_benchmarks.py runs it in CI.
 #
 # It needs torch and triton with a CUDA GPU, nothing else installed: saetrain runs from the
-# checkout (saetrain.kernels is linked to kernels/ as the installed package maps it).
+# checkout (PYTHONPATH is the repo root).
 # Decisions it informs: "top-k: grouped is N x the speed of torch.topk" (add "cuda" to
-# kernels/topk.py GROUPED_DEVICES if N > 1), "encoder: fused is N x" (FUSE_ON_CUDA), the
+# saetrain/kernels/topk.py GROUPED_DEVICES if N > 1), "encoder: fused is N x" (FUSE_ON_CUDA), the
 # "kernel step (latent-major)" row against "kernel step (matmul+topk)" with the two
-# "latent-major is N x the speed of token-major" lines (kernels/sparse_ops.py LATENT_MAJOR:
+# "latent-major is N x the speed of token-major" lines (saetrain/kernels/sparse_ops.py LATENT_MAJOR:
 # True if the step row is faster), "decoder optimizer step: one pass is N x the speed of the
 # 3 ops" (saetrain/optim.py FUSE_WHERE_TRITON, on: False if N < 1), "top-k: radix is N x
-# the speed of torch.topk" with the "kernel step (matmul+radix)" row (kernels/topk.py
+# the speed of torch.topk" with the "kernel step (matmul+radix)" row (saetrain/kernels/topk.py
 # RADIX_DEVICES: add "cuda" if both are faster), "losses: one pass is N x the speed of the
-# torch ops" (kernels/loss.py FUSE_LOSSES, on: False if N < 1), "kernel step (latent+radix)" (both
+# torch ops" (saetrain/kernels/loss.py FUSE_LOSSES, on: False if N < 1), "kernel step (latent+radix)" (both
 # switches at once, as the defaults would be if both win), and the "autotuned" lines (the
 # tiles each kernel chose). `tune-kernels` decides the same switches from whole steps and
-# writes them to $OUT/tuned.json: commit that file as kernels/tuned.json, and every user on
+# writes them to $OUT/tuned.json: commit that file as saetrain/kernels/tuned.json, and every user on
 # this GPU model starts from the choices it measured.
 set -u
 PY=${PYTHON:-python3}  # the GPU image's python3 holds torch
@@ -35,9 +35,6 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Autotuners keep their timings on disk (Triton's own switch; off under the interpreter): the
 # steps after the first reuse them at the same shapes, so tune-kernels' 60 s go to its flips.
 export TRITON_CACHE_AUTOTUNING=1
-# saetrain.kernels is kernels/ (pyproject.toml maps it): link it where saetrain is not installed.
-$PY -c "import saetrain.kernels" 2>/dev/null || [ -e saetrain/kernels ] ||
-    ln -s ../kernels saetrain/kernels
 bench="$PY benchmarks/bench_kernels.py --rounds 5"
 wide="--d-in 3072 --num-latents 24576"  # the issue's GPU shape (k 32, 4096 tokens by default)
 big_batch="--batch 16384"
@@ -82,7 +79,7 @@ step() {  # step SECONDS COMMAND...: run it under a time limit; say so if it ran
         -k "(training_step or latent_major or decoder_adam or radix) and not gpu"
     echo "== d_in=3072, num_latents=24576, k=32, B=4096 (the issue's GPU target)"
     step 150 $first $wide --dtypes bf16 --parts ${SWEEP:+--sweep}
-    echo "== tune-kernels at the issue's shape: \$OUT/tuned.json is kernels/tuned.json to commit"
+    echo "== tune-kernels at the issue's shape: \$OUT/tuned.json is saetrain/kernels/tuned.json to commit"
     # --budget: flips stop in time for the final timing and the file (else nothing is stored)
     step 60 env $tune_env $PY -c "$tune" --rounds 5 --budget $((40 * scale)) $tune_flags \
         --out "$OUT/tuned.json"

@@ -14,7 +14,6 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
-[ -e saetrain/kernels ] || ln -s ../kernels saetrain/kernels
 W=/tmp/gpufit
 {
     python3 - <<'PY'
