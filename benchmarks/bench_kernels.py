@@ -32,6 +32,7 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
+
 from saetrain.kernels import (
     decode,
     decode_pair,
@@ -49,7 +50,6 @@ from saetrain.kernels import loss as loss_module
 from saetrain.kernels import topk as topk_module
 from saetrain.kernels._backend import triton_interpreted
 from saetrain.kernels.topk import select_topk
-
 from saetrain.optim import DecoderNormAdam
 from saetrain.tuning import best_times
 

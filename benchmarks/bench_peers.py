@@ -78,9 +78,9 @@ import sparsify  # noqa: E402
 from sae_lens.config import SAETrainerConfig  # noqa: E402
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig  # noqa: E402
 from sae_lens.training.sae_trainer import SAETrainer  # noqa: E402
-from saetrain.kernels import get_backend  # noqa: E402
 
 from saetrain import SAE, DecoderNormAdam, SAEConfig  # noqa: E402
+from saetrain.kernels import get_backend  # noqa: E402
 from saetrain.module import default_lr, lr_factor  # noqa: E402
 
 Step = Callable[[], torch.Tensor | None]  # returns the step's AuxK loss, if any

@@ -25,12 +25,16 @@ import torch.nn.functional as F  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from host_syncs import HostSyncs  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_flatten  # noqa: E402
+
 import saetrain.kernels.decoder_norm as decoder_norm_module  # noqa: E402
 import saetrain.kernels.encode as encode_module  # noqa: E402
 import saetrain.kernels.loss as loss_module  # noqa: E402
 import saetrain.kernels.sparse_ops as sparse_ops  # noqa: E402
 import saetrain.kernels.topk as topk_module  # noqa: E402
-from host_syncs import HostSyncs  # noqa: E402
+import saetrain.sae as sae_module  # noqa: E402
 from saetrain.kernels import (  # noqa: E402
     decode,
     decode_pair,
@@ -51,10 +55,6 @@ from saetrain.kernels import (  # noqa: E402
 )
 from saetrain.kernels._backend import HAS_TRITON, triton_interpreted, use_triton  # noqa: E402
 from saetrain.kernels.topk import radix_topk, radix_topk_reference, select_topk  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_flatten  # noqa: E402
-
-import saetrain.sae as sae_module  # noqa: E402
 from saetrain.optim import DecoderNormAdam  # noqa: E402
 from saetrain.sae import SAE, SAEConfig  # noqa: E402
 

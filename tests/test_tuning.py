@@ -8,17 +8,17 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
+
 import saetrain.kernels.encode as encode_module
 import saetrain.kernels.loss as loss_module
 import saetrain.kernels.sparse_ops as sparse_ops
 import saetrain.kernels.topk as topk_module
-import torch
-import yaml
-from saetrain.kernels import EncodeOutput, _backend
-
 from saetrain import kernel_choices as choices
 from saetrain import optim, tuning
 from saetrain.cli import main
+from saetrain.kernels import EncodeOutput, _backend
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -46,8 +46,8 @@ OPTIONS_VAR = "SAETRAIN_KERNEL_OPTIONS"
 # Each flips a default that `scripts/gpu_check.sh` is to decide (see where each is set).
 OPTIONS = {
     "radix": "the radix-select top-k on CUDA (saetrain/kernels/topk.py RADIX_DEVICES)",
-    "latent-major": "weight-gradient rows summed latent-major (saetrain/kernels/sparse_ops.py LATENT_MAJOR)",
-    "fused-encoder": "the fused matmul + top-k encoder on CUDA (saetrain/kernels/encode.py FUSE_ON_CUDA)",
+    "latent-major": "weight-gradient rows summed latent-major (sparse_ops.py LATENT_MAJOR)",
+    "fused-encoder": "the fused matmul + top-k encoder on CUDA (encode.py FUSE_ON_CUDA)",
     "grouped-topk": "the grouped top-k on CUDA too (saetrain/kernels/topk.py GROUPED_DEVICES)",
     "unfused-optimizer": "the decoder's step as three ops (saetrain/optim.py FUSE_WHERE_TRITON)",
     "unfused-losses": "the SAE's losses as torch ops (saetrain/kernels/loss.py FUSE_LOSSES)",
