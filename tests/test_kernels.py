@@ -364,8 +364,11 @@ def test_encode_topk_subtracts_b_dec_and_gets_its_gradient_from_one_product(devi
         got = torch.autograd.grad(loss(out), inputs)
     for g, w in zip(got, torch.autograd.grad(loss(want), inputs), strict=True):
         close(g, w, dtype)
-    if not triton_interpreted() or get_backend() == "torch":  # the interpreter copies its args
-        assert ((7, 24) in shapes.seen) == x_grad
+    # On the torch path with a half matmul (CPUs with AMX: CPU_FAST_HALF_MATMUL) the weight
+    # gradient sums in fp32 from an fp32 copy of the bf16 x: a (B, d_in) cast, not a gradient.
+    half_cpu = mm != torch.float32 and not use_triton(device)
+    if (not triton_interpreted() or get_backend() == "torch") and not half_cpu:
+        assert ((7, 24) in shapes.seen) == x_grad  # (the interpreter copies its args)
 
 
 def test_encode_topk_backward_never_builds_a_batch_by_num_latents_tensor():
