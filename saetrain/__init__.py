@@ -4,6 +4,7 @@ The SAE is a plain ``nn.Module`` (:class:`SAE`); Lightning is only needed for tr
 (:class:`SAEModule`, :class:`ActivationDataModule`, ``python -m saetrain fit``).
 """
 
+from .errors import UserError
 from .optim import DecoderNormAdam
 from .sae import SAE, ForwardOutput, SAEConfig, load_sae
 
@@ -15,6 +16,7 @@ __all__ = [
     "DecoderNormAdam",
     "SAEModule",
     "ActivationDataModule",
+    "UserError",
 ]
 
 

@@ -13,7 +13,10 @@ checkpoints under ``lightning/`` (resume with ``--ckpt_path``), and at the end t
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
+import re
 import sys
 import time
 import zipfile
@@ -29,13 +32,11 @@ from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .data.datamodule import ActivationDataModule
+from .errors import UserError
 from .module import SAEModule
+from .progress import PlainProgress, stdout_is_terminal
 
 log = logging.getLogger("saetrain")
-
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit status 2."""
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -194,6 +195,13 @@ class SAETrainCLI(LightningCLI):
             default=500,
             help="Save a Lightning checkpoint (for --ckpt_path) every this many steps.",
         )
+        parser.add_argument(
+            "--progress_every",
+            type=float | None,
+            default=30.0,
+            help="When stdout is not a terminal (a log file), print a plain progress line every "
+            "this many seconds of training instead of a progress bar; 0: every step; null: none.",
+        )
         parser.link_arguments("data.d_in", "model.d_in", apply_on="instantiate")
         parser.link_arguments("data.hookpoints", "model.hookpoints", apply_on="instantiate")
 
@@ -268,6 +276,12 @@ class SAETrainCLI(LightningCLI):
             callbacks.append(ExportSAE(run_dir))
             callbacks.append(SaveOnSigterm(run_dir / "lightning" / "last.ckpt"))
             callbacks.append(LogDataStats())
+        # A log file gets plain lines (saetrain/progress.py), not a bar's carriage returns.
+        terminal = stdout_is_terminal()
+        if not terminal and trainer_cfg.get("enable_progress_bar") is None:
+            kwargs["enable_progress_bar"] = False
+        if self.subcommand == "fit" and not terminal and cfg.get("progress_every") is not None:
+            callbacks.append(PlainProgress(cfg.progress_every))
         kwargs["callbacks"] = callbacks
         kwargs.setdefault("default_root_dir", str(run_dir))
         if trainer_cfg.get("logger") in (None, True):
@@ -310,7 +324,8 @@ commands:
   eval-capability  lm-eval scores (MMLU, GSM8K, TruthfulQA) and loss under each strength
   tune-kernels  time the Triton kernels' alternatives on this GPU; `fit` uses the fastest
 
-Run `python -m saetrain COMMAND --help` for a command's options.
+Run `python -m saetrain COMMAND --help` for a command's options. A problem with the input
+prints one line and exits 2; add --debug anywhere (or set SAETRAIN_DEBUG=1) for its traceback.
 """
 
 COMMANDS = {
@@ -322,7 +337,9 @@ COMMANDS = {
     # Steering (issue #5), imported on use like `export`.
     "features": lambda a: __import__("saetrain.steering", fromlist=["_"]).run_features(a),
     "steer": lambda a: __import__("saetrain.steering", fromlist=["_"]).run_steer(a),
-    "eval-refusal": lambda a: __import__("saetrain.steering", fromlist=["_"]).run_eval_refusal(a),
+    "eval-refusal": lambda a: __import__(
+        "saetrain.evals.commands", fromlist=["_"]
+    ).run_eval_refusal(a),
     "eval-capability": lambda a: __import__(
         "saetrain.steering", fromlist=["_"]
     ).run_eval_capability(a),
@@ -330,9 +347,21 @@ COMMANDS = {
 }
 
 
+DEBUG_FLAG, DEBUG_VAR = "--debug", "SAETRAIN_DEBUG"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m saetrain``; returns the exit status."""
+    """Entry point of ``python -m saetrain``; returns the exit status.
+
+    A user error (see :func:`_user_facing`) prints one line and returns 2; any other exception
+    is a bug and propagates with its traceback (``python -m saetrain`` exits 1). ``--debug``
+    anywhere in ``argv``, or ``SAETRAIN_DEBUG=1``, lets user errors propagate too.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if DEBUG_FLAG in argv:
+        argv = [a for a in argv if a != DEBUG_FLAG]
+        os.environ[DEBUG_VAR] = "1"  # DDP starts its other ranks with this environment
+    debug = os.environ.get(DEBUG_VAR, "") not in ("", "0")
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
@@ -343,9 +372,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handler = COMMANDS[command]
         handler(argv if handler is run_lightning else argv[1:])
-    except (UserError, ValueError, FileNotFoundError, OSError, argparse.ArgumentError) as e:
-        print(f"saetrain {command}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
     except SIGTERMException:  # SaveOnSigterm saved the run first
         print(f"saetrain {command}: stopped by SIGTERM", file=sys.stderr)
         return 143
@@ -354,13 +380,62 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"saetrain {command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        shown = _user_facing(e)
+        if shown is None or debug:
+            raise
+        print(f"saetrain {command}: error: {_one_line(shown)}", file=sys.stderr)
+        return 2
     return 0
 
 
+# Modules whose own exceptions are parse errors (a bad flag, value or config file).
+_PARSERS = ("argparse", "jsonargparse", "yaml")
+
+
+def _user_facing(e: BaseException) -> BaseException | None:
+    """The error to print as one line for ``e``, or None when ``e`` is a bug.
+
+    A :class:`UserError` is the user's to fix, an OSError naming a file (or a full disk) the
+    machine's. argparse and jsonargparse report a bad flag, value or config file as an
+    ArgumentError, chained to the parser's own exceptions. jsonargparse also wraps an error
+    raised in a class's ``__init__`` (or a dataclass's ``__post_init__``) while it instantiates
+    a Union-typed value (``trainer.callbacks``, ``gate: GateConfig | None``) in a ValueError of
+    its own, caused by the original; top-level classes (``model``, ``data``) are not wrapped.
+    So look through the parsers' exceptions, and only those: a bug behind a wrapper keeps its
+    traceback (the original's, printed above the wrapper's).
+    """
+    top, seen = e, set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, UserError) or _environmental(e):
+            return e
+        if not (isinstance(e, argparse.ArgumentError) or _raised_in(e, _PARSERS)):
+            return None
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    return top if isinstance(top, argparse.ArgumentError) else None
+
+
+def _environmental(e: BaseException) -> bool:
+    """An OSError about a file the user named (missing, unreadable, a folder), or a full disk."""
+    if not isinstance(e, OSError):
+        return False
+    return e.filename is not None or e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _raised_in(e: BaseException, packages: tuple[str, ...]) -> bool:
+    """Whether the innermost frame of ``e``'s traceback is in one of ``packages``."""
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_globals.get("__name__", "").split(".")[0] in packages
+
+
 def _one_line(e: BaseException) -> str:
-    """The user-facing message of ``e``: jsonargparse wraps errors raised while instantiating
-    classes in an ArgumentError; unwrap those down to our own error."""
-    while isinstance(e, argparse.ArgumentError) and e.__cause__ is not None:
-        e = e.__cause__
+    """The message of ``e`` on one line (an OSError's without its ``[Errno N]``)."""
     text = " ".join(str(e).split())
+    if isinstance(e, OSError):
+        text = re.sub(r"^\[Errno \d+\] ", "", text)
     return text or type(e).__name__

@@ -36,6 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .errors import UserError
 from .sae import SAE, SAE_CONFIG, SAE_WEIGHTS, SAEConfig
 
 Format = Literal["saetrain", "saelens", "sparsify"]
@@ -96,7 +97,7 @@ def _write_saelens(sae: SAE, path: Path, hookpoint: str | None) -> None:
 
 def _write_sparsify(sae: SAE, root: Path, hookpoint: str | None) -> None:
     if not hookpoint:
-        raise ValueError(
+        raise UserError(
             "the SAE's cfg.extra names no hookpoint, which sparsify needs as the folder name: "
             "pass --hookpoint (e.g. --hookpoint layers.15)"
         )
@@ -142,10 +143,10 @@ def export_sae(
     ``overwrite``. ``hookpoint`` overrides ``sae.cfg.extra["hookpoint"]``.
     """
     if format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}: choose one of {', '.join(FORMATS)}")
+        raise UserError(f"unknown format {format!r}: choose one of {', '.join(FORMATS)}")
     out = Path(out)
     if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
-        raise FileExistsError(
+        raise UserError(
             f"{out} already exists and is not empty: choose another --out or pass --overwrite"
         )
     hookpoint = _hookpoint(sae, hookpoint)
@@ -185,7 +186,7 @@ def _assemble(
     for name, shape in expected.items():
         got = tuple(tensors[name].shape) if name in tensors else "missing"
         if got != shape:
-            raise ValueError(
+            raise UserError(
                 f"{source}: tensor {name} has shape {got}, expected {shape} from its "
                 f"{SAE_CONFIG}; the files do not belong together"
             )
@@ -219,21 +220,21 @@ def _read_saelens(path: Path, device: Any) -> SAE:
             cfg["architecture"], cfg["k"] = "topk", cfg["activation_fn_kwargs"]["k"]
     arch = cfg.get("architecture", "standard")
     if arch != "topk":
-        raise ValueError(
+        raise UserError(
             f"{path} is a SAELens {arch!r} SAE; saetrain loads only Top-k SAEs "
             "(architecture 'topk')"
         )
     if cfg.get("reshape_activations", "none") != "none":
-        raise ValueError(
+        raise UserError(
             f"{path}: SAELens reshape_activations={cfg['reshape_activations']!r} "
             "(attention hook_z SAEs) is not supported"
         )
     w = load_file(str(path / SAELENS_WEIGHTS))
     if "scaling_factor" in w and not torch.all(w.pop("scaling_factor") == 1):
-        raise ValueError(f"{path}: a SAELens finetuning scaling_factor is not supported")
+        raise UserError(f"{path}: a SAELens finetuning scaling_factor is not supported")
     missing = {"W_enc", "b_enc", "W_dec", "b_dec"} - set(w)
     if missing:
-        raise ValueError(f"{path / SAELENS_WEIGHTS} lacks {sorted(missing)}: not a Top-k SAE")
+        raise UserError(f"{path / SAELENS_WEIGHTS} lacks {sorted(missing)}: not a Top-k SAE")
     dtype = getattr(torch, str(cfg.get("dtype", "float32")).removeprefix("torch."))
     w = {k: v.to(torch.float64) for k, v in w.items()}  # fold in float64, then cast
     if not cfg.get("apply_b_dec_to_input", True):  # x @ W + b == (x - b_dec) @ W + (b + b_dec @ W)
@@ -269,7 +270,7 @@ def _saelens_input_scale(path: Path, mode: str | bool | None) -> float:
     scaler = path / "activation_scaler.json"
     if mode == "expected_average_only_in" and scaler.is_file():
         return float(json.loads(scaler.read_text()).get("scaling_factor") or 1.0)
-    raise ValueError(
+    raise UserError(
         f"{path}: SAELens normalize_activations={mode!r} without a scale saetrain can fold in "
         "(activation_scaler.json): load its final inference export, where the scale is folded"
     )
@@ -279,7 +280,7 @@ def _read_sparsify(path: Path, device: Any) -> SAE:
     cfg = json.loads((path / SAE_CONFIG).read_text())
     for field, ok in (("activation", "topk"), ("transcode", False), ("skip_connection", False)):
         if cfg.get(field, ok) != ok:
-            raise ValueError(
+            raise UserError(
                 f"{path}: sparsify {field}={cfg[field]!r} is not supported; saetrain loads "
                 "Top-k sparse autoencoders without skip connections"
             )
@@ -308,11 +309,11 @@ def _read_lightning(path: Path, device: Any) -> SAE:
     # SAEModule keeps SAE number i as saes.<hookpoint index>_<variant index>.sae.*
     prefixes = sorted(k.removesuffix("W_enc") for k in state if k.endswith(".sae.W_enc"))
     if not prefixes:
-        raise ValueError(
+        raise UserError(
             f"{path} is not a saetrain Lightning checkpoint (no saes.*.sae.W_enc in its state_dict)"
         )
     if len(prefixes) > 1:
-        raise ValueError(
+        raise UserError(
             f"{path} holds {len(prefixes)} SAEs: export one from the subfolders of its run "
             "folder (written at the end of training), not from the checkpoint"
         )
@@ -342,8 +343,8 @@ def safe_torch_load(path: str | Path) -> Any:
         found = re.search(r"GLOBAL [\w.]+", str(e))
         if not found:
             why = " ".join(str(e).split())[:160]
-            raise ValueError(f"{path} is not a readable PyTorch checkpoint ({why})") from None
-        raise ValueError(
+            raise UserError(f"{path} is not a readable PyTorch checkpoint ({why})") from None
+        raise UserError(
             f"{path} holds pickled Python objects, not only weights ({found.group(0)}); "
             "refusing to unpickle it because that can run arbitrary code: export it as "
             "safetensors from a setup you trust"
@@ -363,8 +364,8 @@ def detect_format(path: Path) -> Format:
             return "sparsify"
         if "W_enc" in names:
             return "saetrain"
-        raise ValueError(f"{path / SAE_WEIGHTS} holds {sorted(names)}: not a known SAE layout")
-    raise FileNotFoundError(
+        raise UserError(f"{path / SAE_WEIGHTS} holds {sorted(names)}: not a known SAE layout")
+    raise UserError(
         f"{path} holds no SAE: expected cfg.json and sae.safetensors (saetrain, sparsify), "
         f"cfg.json and {SAELENS_WEIGHTS} (SAELens), one sub-folder per hookpoint, or a .ckpt"
     )
@@ -386,7 +387,7 @@ def _hub_download(name: str) -> Path:
         )
     except Exception as e:  # offline, unknown repo, HTTP errors: all one line for the user
         why = " ".join(str(e).split())[:200] or type(e).__name__
-        raise FileNotFoundError(
+        raise UserError(
             f"{name!r} is not a local path, and downloading it from the Hugging Face Hub failed "
             f"({why}); check the name and the network, or pass a local folder"
         ) from None
@@ -403,7 +404,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> SAE:
     p = Path(path)
     if not p.exists():
         if not re.fullmatch(r"\w[\w.-]*/[\w.-]+(/[\w./-]+)?", str(path)):
-            raise FileNotFoundError(f"{p} does not exist: pass an SAE folder or checkpoint file")
+            raise UserError(f"{p} does not exist: pass an SAE folder or checkpoint file")
         p = _hub_download(str(path))
     if p.is_file():
         if p.suffix in (".ckpt", ".pt", ".pth"):
@@ -415,7 +416,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> SAE:
             p = subs[0]
         elif subs:
             names = sorted((d.name for d in subs), key=_natural)
-            raise ValueError(
+            raise UserError(
                 f"{p} holds {len(subs)} SAEs ({', '.join(names)}): pass one of them, "
                 f"e.g. {p / names[0]}"
             )

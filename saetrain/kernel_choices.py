@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from . import kernels, optim
+from .errors import UserError
 from .kernels import _backend, sparse_ops
 from .kernels import encode as encode_module
 from .kernels import loss as loss_module
@@ -74,12 +75,12 @@ def current(device_type: str) -> Choices:
 def _checked(choices: Mapping[str, bool], source: str) -> Choices:
     unknown = sorted(set(choices) - set(SWITCHES))
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"{source} names {', '.join(map(repr, unknown))}; the switches are "
             f"{', '.join(SWITCHES)}."
         )
     if not all(isinstance(v, bool) for v in choices.values()):
-        raise ValueError(f"{source}: each switch must be true or false, got {dict(choices)}.")
+        raise UserError(f"{source}: each switch must be true or false, got {dict(choices)}.")
     return dict(choices)
 
 
@@ -143,7 +144,7 @@ def device_key(device: torch.device) -> str:
 
 def read_file(path: Path) -> dict:
     """A tuning file's contents, ``{"version": 1, "devices": {key: entry}}``; a missing file
-    reads as empty, an unreadable one is a one-line ValueError saying what to do."""
+    reads as empty, an unreadable one is a one-line UserError saying what to do."""
     path = Path(path)
     if not path.exists():
         return {"version": FORMAT_VERSION, "devices": {}}
@@ -154,7 +155,7 @@ def read_file(path: Path) -> dict:
         for key, entry in data["devices"].items():
             _checked(entry["choices"], f"the entry for {key!r}")
     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
-        raise ValueError(
+        raise UserError(
             f"{path} is not a saetrain kernel-tuning file ({' '.join(str(e).split())}); "
             f"delete it or point {FILE_VAR} elsewhere, then rerun `python -m saetrain "
             "tune-kernels`"

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.regression import ExplainedVariance
 
+from .errors import UserError
 from .optim import DecoderNormAdam
 from .sae import SAE, SAEConfig
 
@@ -187,20 +188,20 @@ class SAEModule(L.LightningModule):
     ):
         super().__init__()
         if expansion_factor < 1:
-            raise ValueError(f"model.expansion_factor must be >= 1, got {expansion_factor}")
+            raise UserError(f"model.expansion_factor must be >= 1, got {expansion_factor}")
         if not 0 <= decay_start <= 1:
-            raise ValueError(f"model.decay_start must be in [0, 1], got {decay_start}")
+            raise UserError(f"model.decay_start must be in [0, 1], got {decay_start}")
         if warmup_steps < 0:
-            raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+            raise UserError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
         for i, variant in enumerate(sae_variants or []):
             unknown = sorted(set(variant) - set(VARIANT_FIELDS))
             if unknown:
-                raise ValueError(
+                raise UserError(
                     f"model.sae_variants[{i}] sets {', '.join(unknown)}, which a variant cannot "
                     f"set: choose from {', '.join(VARIANT_FIELDS)}"
                 )
         if sae_variants is not None and not sae_variants:
-            raise ValueError("model.sae_variants is empty: list at least one, or leave it unset")
+            raise UserError("model.sae_variants is empty: list at least one, or leave it unset")
         self.save_hyperparameters()
         self.saes: nn.ModuleDict | None = None
         self._sharded = False
@@ -214,7 +215,7 @@ class SAEModule(L.LightningModule):
         """The SAE config and learning rate of one variant (the module's fields, overridden)."""
         hp = {**self.hparams, **variant}
         if hp["d_in"] is None:
-            raise ValueError("model.d_in is unknown: it is linked from the data module's LM")
+            raise UserError("model.d_in is unknown: it is linked from the data module's LM")
         cfg = SAEConfig(
             d_in=hp["d_in"],
             num_latents=hp["num_latents"] or hp["expansion_factor"] * hp["d_in"],
@@ -242,7 +243,7 @@ class SAEModule(L.LightningModule):
 
             names = mesh.mesh_dim_names or ()
             if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
-                raise ValueError(
+                raise UserError(
                     "tensor parallelism is not supported for SAEs: use the fsdp2 strategy "
                     "(tensor_parallel_size 1)"
                 )
@@ -398,12 +399,12 @@ class SAEModule(L.LightningModule):
             ("sae_variants", saved.get("sae_variants"), self.hparams.sae_variants),
         ):
             if name in saved and old != new:
-                raise ValueError(
+                raise UserError(
                     f"the checkpoint's SAE has {name}={old} but this run's has {name}={new}: "
                     "resume with the same model settings, or start a new run"
                 )
         if "hookpoints" in saved and saved["hookpoints"] != self.hparams.hookpoints:
-            raise ValueError(
+            raise UserError(
                 f"the checkpoint's SAEs read {saved['hookpoints']} but data.layer gives "
                 f"{self.hparams.hookpoints}: resume with the same data.layer, or start a new run"
             )

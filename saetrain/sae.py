@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from . import kernels
+from .errors import UserError
 
 try:
     from torch.distributed.fsdp import FSDPModule
@@ -84,21 +85,21 @@ class SAEConfig:
     def __post_init__(self) -> None:
         for name in ("d_in", "num_latents", "k", "dead_tokens_threshold"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.k > self.num_latents:
-            raise ValueError(
+            raise UserError(
                 f"k={self.k} is larger than num_latents={self.num_latents}: "
                 "choose k <= num_latents (the paper uses k=32)"
             )
         if self.k_aux is None:
             self.k_aux = max(1, self.d_in // 2)
         if self.k_aux < 0:
-            raise ValueError(f"k_aux must be >= 0, got {self.k_aux}")
+            raise UserError(f"k_aux must be >= 0, got {self.k_aux}")
         self.k_aux = min(self.k_aux, self.num_latents)
         if self.auxk_coef < 0:
-            raise ValueError(f"auxk_coef must be >= 0, got {self.auxk_coef}")
+            raise UserError(f"auxk_coef must be >= 0, got {self.auxk_coef}")
         if self.b_dec_init not in ("mean", "geometric_median", "zeros"):
-            raise ValueError(
+            raise UserError(
                 f"b_dec_init must be 'mean', 'geometric_median' or 'zeros', got {self.b_dec_init!r}"
             )
 
@@ -328,7 +329,7 @@ class SAE(nn.Module):
         """Read an SAE written by :meth:`save` (``cfg.json`` + ``sae.safetensors``)."""
         path = Path(path)
         if not (path / SAE_CONFIG).is_file() or not (path / SAE_WEIGHTS).is_file():
-            raise FileNotFoundError(
+            raise UserError(
                 f"{path} is not a saetrain SAE folder: expected {SAE_CONFIG} and {SAE_WEIGHTS} "
                 "in it (the export written at the end of `python -m saetrain fit`)"
             )
@@ -340,7 +341,7 @@ class SAE(nn.Module):
         for name, shape in expected.items():
             if name not in state or tuple(state[name].shape) != shape:
                 got = tuple(state[name].shape) if name in state else "missing"
-                raise ValueError(
+                raise UserError(
                     f"{path / SAE_WEIGHTS}: tensor {name} has shape {got}, expected {shape} "
                     f"from {SAE_CONFIG}; the files do not belong together"
                 )

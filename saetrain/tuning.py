@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 
 from . import kernels
+from .errors import UserError
 from .kernel_choices import (
     SWITCHES,
     Choices,
@@ -85,14 +86,14 @@ class TuneConfig:
 
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp32"):
-            raise ValueError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
+            raise UserError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
         for name in ("batch", "rounds"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.dead_fraction <= 1:
-            raise ValueError(f"dead_fraction must be in [0, 1], got {self.dead_fraction}")
+            raise UserError(f"dead_fraction must be in [0, 1], got {self.dead_fraction}")
         if not 0 <= self.margin < 1:
-            raise ValueError(f"margin must be in [0, 1), got {self.margin}")
+            raise UserError(f"margin must be in [0, 1), got {self.margin}")
 
 
 # (configs by name, one step under given choices, rounds) -> seconds per step, by name.
@@ -273,24 +274,24 @@ def _applies(switch: str, choices: Choices, cfg: TuneConfig) -> bool:
 
 
 def check_device(device: torch.device) -> None:
-    """A one-line ValueError unless the Triton kernels run on `device`."""
+    """A one-line UserError unless the Triton kernels run on `device`."""
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("tune-kernels got --device cuda but torch sees no CUDA GPU here")
+            raise UserError("tune-kernels got --device cuda but torch sees no CUDA GPU here")
         if not _backend.HAS_TRITON or _backend.get_backend() == "torch":
-            raise ValueError(
+            raise UserError(
                 "tune-kernels times the Triton kernels, which do not run here: install triton "
                 f"and leave {_backend.ENV_VAR} unset (or 'auto')"
             )
         return
     if not (_backend.HAS_TRITON and _backend.triton_interpreted()):
-        raise ValueError(
+        raise UserError(
             f"tune-kernels times the Triton kernels on a CUDA GPU, and there is none here "
             f"({device.type}); on CPU they run only under Triton's interpreter "
             "(TRITON_INTERPRET=1 and SAETRAIN_KERNELS=triton), which is for tests, not timings"
         )
     if _backend.get_backend() != "triton":
-        raise ValueError(
+        raise UserError(
             f"tune-kernels on {device.type} needs {_backend.ENV_VAR}=triton (Triton's interpreter)"
         )
 
@@ -420,15 +421,15 @@ def recipe_shape(path: Path, d_in: int | None = None) -> dict:
         raw = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as e:
         first = " ".join(str(e).split())[:200]
-        raise ValueError(f"cannot read the recipe {path}: {first}") from None
+        raise UserError(f"cannot read the recipe {path}: {first}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path} is not a fit recipe (a YAML mapping with model, data, trainer)")
+        raise UserError(f"{path} is not a fit recipe (a YAML mapping with model, data, trainer)")
     model = {**_defaults(SAEModule), **(raw.get("model") or {})}
     data = {**_defaults(ActivationDataModule), **(raw.get("data") or {})}
     d_in = d_in or model.get("d_in")
     if d_in is None:
         if not data.get("model"):
-            raise ValueError(f"{path} sets neither model.d_in nor data.model: pass --d-in")
+            raise UserError(f"{path} sets neither model.d_in nor data.model: pass --d-in")
         d_in = hidden_size(load_lm_config(str(data["model"])))
     precision = str((raw.get("trainer") or {}).get("precision", "32-true"))
     if precision.startswith("bf16"):
@@ -436,7 +437,7 @@ def recipe_shape(path: Path, d_in: int | None = None) -> dict:
     elif precision in ("32", "32-true"):
         dtype = "fp32"
     else:
-        raise ValueError(
+        raise UserError(
             f"{path}: trainer.precision {precision!r}; tune-kernels times bf16 or fp32 steps "
             "(bf16-mixed, 32-true)"
         )

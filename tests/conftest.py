@@ -44,14 +44,15 @@ def chat_jsonl(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sae_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """A random tiny SAE (32 -> 64, k=4) for layer 1 of the tiny model, saved in our format."""
+def sae_dir(tiny_model_dir, chat_jsonl, tmp_path_factory) -> Path:
+    """A random tiny SAE (32 -> 64, k=4) for layer 1 of the tiny model, saved in our format,
+    its cfg.json naming the chat corpus as its training data (for the corpus strength units)."""
     import torch
 
     from saetrain import SAE, SAEConfig
 
     torch.manual_seed(0)
     sae = SAE(SAEConfig(d_in=32, num_latents=64, k=4))
-    return sae.save(
-        tmp_path_factory.mktemp("sae") / "tiny", {"model": str(tiny_model_dir), "layer": 1}
-    )
+    extra = {"model": str(tiny_model_dir), "layer": 1, "ctx_len": 64}
+    extra["data"] = {"path": str(chat_jsonl)}
+    return sae.save(tmp_path_factory.mktemp("sae") / "tiny", extra)

@@ -1,9 +1,13 @@
 """End to end through ``python -m saetrain``: the tiny recipe trains, exports, resumes; every
-recipe parses; bad input gives one clear line and a non-zero exit without touching old runs."""
+recipe parses; bad input gives one clear line and exit status 2 without touching old runs, while
+a bug (or any error under --debug) keeps its traceback."""
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +17,8 @@ import torch
 from host_syncs import HostSyncs
 from lmfixtures import error_line, tiny_fit_args
 
-from saetrain import load_sae
-from saetrain.cli import main
+from saetrain import UserError, load_sae
+from saetrain.cli import COMMANDS, main
 from saetrain.module import SAEModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +26,7 @@ RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 
 
 fit_args = tiny_fit_args
+STEERING_CALLBACK = "saetrain.steering.callback.SteeringEvalCallback"
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +135,13 @@ def test_a_finished_run_is_not_overwritten(trained_run, tiny_model_dir, chat_jso
         (["--data.source.path", "/nonexistent/chats.jsonl"], "/nonexistent/chats.jsonl"),
         (["--data.model", "/nonexistent/model"], "cannot load model"),
         (["--trainer.strategy", "fsdp"], "pass --trainer.strategy fsdp2 to shard the SAEs"),
+        (["--model.k", "0"], "k must be >= 1, got 0"),
+        (["--model.k", "abc"], 'Parser key "model.k"'),
+        # jsonargparse wraps an error raised in a Union-typed value's __init__ (callbacks)
+        (
+            [f"--trainer.callbacks+={STEERING_CALLBACK}", "--trainer.callbacks.every_n_steps", "0"],
+            "every_n_steps, sequences, max_new_tokens and batch_size must be >= 1",
+        ),
     ],
 )
 def test_bad_input_gives_one_clear_line_and_nonzero_exit(
@@ -139,6 +151,130 @@ def test_bad_input_gives_one_clear_line_and_nonzero_exit(
     assert code == 2
     assert message in error_line(capsys)
     assert not list(tmp_path.rglob("sae.safetensors"))
+
+
+def raising(error: BaseException):
+    """A command that raises ``error`` (stands in for a verb in ``COMMANDS``)."""
+
+    def command(args):
+        raise error
+
+    return command
+
+
+@pytest.fixture
+def no_debug(monkeypatch):
+    """SAETRAIN_DEBUG off, and restored after the test (``--debug`` sets it)."""
+    monkeypatch.setenv("SAETRAIN_DEBUG", "0")
+
+
+def test_a_user_error_is_exactly_one_line_on_stderr_and_exit_status_2(
+    monkeypatch, capsys, no_debug
+):
+    monkeypatch.setitem(
+        COMMANDS, "export", raising(UserError("--out x is a file:\n pick a folder"))
+    )
+    assert main(["export"]) == 2
+    assert capsys.readouterr().err == "saetrain export: error: --out x is a file: pick a folder\n"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/chats.jsonl"),
+        PermissionError(errno.EACCES, "Permission denied", "/data/chats.jsonl"),
+        OSError(errno.ENOSPC, "No space left on device"),
+    ],
+    ids=["missing", "unreadable", "disk-full"],
+)
+def test_an_os_error_naming_a_file_or_a_full_disk_is_one_line_and_exit_status_2(
+    error, monkeypatch, capsys, no_debug
+):
+    monkeypatch.setitem(COMMANDS, "export", raising(error))
+    assert main(["export"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"saetrain export: error: {error.strerror}")
+    assert error.filename is None or "/data/chats.jsonl" in err
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError("bug"), ValueError("bug"), KeyError("bug"), TypeError("bug"), OSError("bug")],
+    ids=lambda e: type(e).__name__,
+)
+def test_a_bug_propagates_with_its_traceback(error, monkeypatch, capsys, no_debug):
+    monkeypatch.setitem(COMMANDS, "export", raising(error))
+    with pytest.raises(type(error)) as raised:
+        main(["export"])
+    assert raised.value is error
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_a_bug_behind_a_jsonargparse_wrapper_keeps_its_own_traceback(
+    tiny_model_dir, chat_jsonl, tmp_path, monkeypatch, no_debug
+):
+    # jsonargparse turns an exception in a callback's __init__ into a ValueError of its own;
+    # main must not mistake that for bad input, and the planted error must stay in the chain.
+    from saetrain.steering.callback import SteeringEvalCallback
+
+    @functools.wraps(SteeringEvalCallback.__init__)
+    def broken_init(self, *args, **kwargs):
+        raise RuntimeError("planted bug")
+
+    monkeypatch.setattr(SteeringEvalCallback, "__init__", broken_init)
+    with pytest.raises(ValueError) as raised:
+        main(
+            fit_args(
+                tiny_model_dir, chat_jsonl, tmp_path, f"--trainer.callbacks+={STEERING_CALLBACK}"
+            )
+        )
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    assert str(raised.value.__cause__) == "planted bug"
+
+
+def test_debug_flag_anywhere_shows_a_user_errors_traceback_and_reaches_other_ranks(
+    monkeypatch, no_debug
+):
+    seen = []
+    monkeypatch.setitem(COMMANDS, "export", lambda args: seen.append(args))
+    assert main(["--debug", "export", "--out", "x", "--debug"]) == 0
+    assert seen == [["--out", "x"]]  # the verb never sees --debug
+    assert os.environ["SAETRAIN_DEBUG"] == "1"  # DDP ranks inherit it
+    monkeypatch.setitem(COMMANDS, "export", raising(UserError("bad")))
+    with pytest.raises(UserError):
+        main(["export", "--debug"])
+
+
+def test_saetrain_debug_1_shows_a_user_errors_traceback(monkeypatch):
+    monkeypatch.setenv("SAETRAIN_DEBUG", "1")
+    monkeypatch.setitem(COMMANDS, "export", raising(UserError("bad")))
+    with pytest.raises(UserError):
+        main(["export"])
+
+
+BUG = "import sys; from saetrain import cli; cli.COMMANDS['export'] = lambda a: {}['bug']"
+
+
+@pytest.mark.parametrize(
+    ("args", "last_line"),
+    [
+        # a bug: the traceback, exit status 1
+        (["-c", f"{BUG}; sys.exit(cli.main(['export']))"], "KeyError: 'bug'"),
+        # a user error under --debug: its traceback too
+        (
+            ["-m", "saetrain", "export", "--ckpt", "/nonexistent", "--format", "saelens"]
+            + ["--out", "/nonexistent/out", "--debug"],
+            "saetrain.errors.UserError: /nonexistent does not exist",
+        ),
+    ],
+    ids=["bug", "user-error-under-debug"],
+)
+def test_python_m_saetrain_prints_the_traceback_and_exits_1(args, last_line):
+    env = {k: v for k, v in os.environ.items() if k != "SAETRAIN_DEBUG"}
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
+    assert done.returncode == 1
+    assert "Traceback (most recent call last)" in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(last_line)
 
 
 def test_an_empty_data_set_is_refused(tiny_model_dir, tmp_path, capsys):

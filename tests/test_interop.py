@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from saetrain import SAE, SAEConfig, load_sae
+from saetrain import SAE, SAEConfig, UserError, load_sae
 from saetrain.cli import main
 from saetrain.interop import export_sae
 
@@ -208,9 +208,7 @@ def test_export_refuses_a_non_empty_folder_unless_overwrite_and_then_replaces_it
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    with pytest.raises(
-        FileExistsError, match="not empty: choose another --out or pass --overwrite"
-    ):
+    with pytest.raises(UserError, match="not empty: choose another --out or pass --overwrite"):
         export_sae(sae, out, "saelens")
     assert (out / "notes.txt").read_text() == "keep me"
     export_sae(sae, out, "saelens", overwrite=True)
@@ -323,7 +321,7 @@ def test_a_hub_id_that_cannot_be_downloaded_gives_one_clear_line(monkeypatch):
         raise ConnectionError("Failed to resolve 'huggingface.co'\nretrying")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(UserError) as err:
         load_sae("EleutherAI/sae-pythia-70m-32k/layers.3")
     assert "\n" not in str(err.value)
     assert "downloading it from the Hugging Face Hub failed (Failed to resolve" in str(err.value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saetrain import SAE, SAEConfig, load_sae
+from saetrain import SAE, SAEConfig, UserError, load_sae
 from saetrain.sae import geometric_median
 
 
@@ -127,7 +127,7 @@ def test_k_larger_than_num_latents_is_refused_clearly():
 
 
 def test_loading_a_folder_without_an_sae_says_what_is_expected(tmp_path):
-    with pytest.raises(FileNotFoundError, match="cfg.json and sae.safetensors"):
+    with pytest.raises(UserError, match="cfg.json and sae.safetensors"):
         load_sae(tmp_path)
 
 

@@ -5,6 +5,7 @@ import logging
 
 import pytest
 
+from saetrain import UserError
 from saetrain.data.sources import TextSource, iter_documents, normalize_messages, resolve_path
 
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -173,7 +174,7 @@ def test_max_documents_caps_the_source_before_sharding(tmp_path):
 
 def test_missing_local_file_names_the_path(tmp_path):
     missing = str(tmp_path / "nope.jsonl")
-    with pytest.raises(FileNotFoundError, match="nope.jsonl: no such file"):
+    with pytest.raises(UserError, match="nope.jsonl: no such file"):
         docs(missing)
 
 
@@ -195,9 +196,9 @@ def test_bad_config_values_name_the_field():
 def test_package_uri_resolves_inside_an_installed_package_without_importing_it():
     path = resolve_path("package://pytest/__init__.py")
     assert path.endswith("__init__.py") and "pytest" in path
-    with pytest.raises(FileNotFoundError, match="pip install no-such-pkg-xyz"):
+    with pytest.raises(UserError, match="pip install no-such-pkg-xyz"):
         resolve_path("package://no_such_pkg_xyz/data.json")
-    with pytest.raises(FileNotFoundError, match="has no file"):
+    with pytest.raises(UserError, match="has no file"):
         resolve_path("package://pytest/missing.json")
 
 

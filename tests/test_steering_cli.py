@@ -10,7 +10,8 @@ import pytest
 from lmfixtures import error_line
 
 from saetrain.cli import main
-from saetrain.steering.commands import EvalRefusalConfig, parse_config
+from saetrain.evals.commands import EvalRefusalConfig
+from saetrain.steering.commands import parse_config
 from saetrain.steering.prompts import PromptSet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +34,9 @@ def test_features_writes_the_ranking_and_its_config(sae_dir, tmp_path):
     assert main(args) == 0
     table = json.loads((out / "features.json").read_text())
     assert set(table["methods"]) == {"response", "contrast"} and table["layer"] == 1
+    # the sets it was ranked on, for eval-refusal to keep apart from what it evaluates
+    assert table["fitted_on"]["harmful"]["path"] == "builtin:harmful"
+    assert table["fitted_on"]["harmless"]["limit"] == 4
     assert (out / "features.txt").is_file() and (out / "config.yaml").is_file()
 
 
@@ -75,7 +79,19 @@ def gated_eval_args(sae_dir, gate: dict, unsafe: str, out) -> list[str]:
     return [*args, "--out_dir", str(out), *FAST]
 
 
-def test_a_probe_gate_never_trains_or_calibrates_on_an_evaluated_prompt(sae_dir, tmp_path, capsys):
+def no_generation(monkeypatch):
+    """Make any reply generation fail the test."""
+    import saetrain.evals.refusal as refusal_module
+
+    def fail(*a, **k):
+        raise AssertionError("generation started")
+
+    monkeypatch.setattr(refusal_module, "generate", fail)
+
+
+def test_a_probe_gate_never_trains_or_calibrates_on_an_evaluated_prompt(
+    sae_dir, tmp_path, capsys, monkeypatch
+):
     out = tmp_path / "eval"
     gate = {
         "kind": "probe",
@@ -88,20 +104,29 @@ def test_a_probe_gate_never_trains_or_calibrates_on_an_evaluated_prompt(sae_dir,
         "cross_fit_negative": [],
         "compare_ungated": False,
     }
-    args = gated_eval_args(sae_dir, gate, '{"path": "builtin:harmful", "limit": 2}', out)
-    assert main(args) == 0
-    printed = capsys.readouterr().out
-    assert "left 2 of 6 gate train_positive prompts out" in printed
-    assert "left 2 of 8 gate val_positive prompts out" in printed
-    assert "train_negative prompts out" not in printed
-    results = json.loads((out / "results.json").read_text())
-    assert results["gate"]["n_positive"] == 6 and results["gate"]["n_negative"] == 4
-    assert {r["setting"] for r in results["rows"]} == {"baseline", "add x2 gated"}
-    # Every evaluated prompt left out: a clear error, not a gate fitted on nothing.
-    gate["train_positive"] = [{"path": "builtin:harmful", "limit": 2}]
+    evaluated = {"path": "builtin:harmful", "limit": 2}
+    args = gated_eval_args(sae_dir, gate, json.dumps(evaluated), out)
+    # The two evaluated prompts are among the gate's: one line, before any reply.
+    with monkeypatch.context() as m:
+        no_generation(m)
+        assert main(args) == 2
+    line = error_line(capsys)
+    assert "evaluated set harmful shares 2 of its 2 prompts with the fitting set harmful " in line
+    assert "(gate.train_positive), e.g. " in line
+    assert "add {path: builtin:harmful, limit: 2} to the exclude of harmful in gate.train" in line
+    assert not out.exists()
+    # Excluded from the gate's lists, they are never trained or calibrated on.
+    gate["train_positive"][0]["exclude"] = [evaluated]
+    gate["val_positive"][0]["exclude"] = [evaluated]
     args[args.index("--gate") + 1] = json.dumps(gate)
-    assert main(args) == 2
-    assert "gate.train_positive has no prompts left" in error_line(capsys)
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["gate"]["n_positive"] == 8 and results["gate"]["n_negative"] == 4
+    assert {r["setting"] for r in results["rows"]} == {"baseline", "add x2 gated"}
+    fitting = json.loads((out / "fitting.json").read_text())["fitted"]
+    asked = {json.loads(line)["prompt"] for line in (out / "responses.jsonl").open()}
+    for role in ("gate.train_positive", "gate.val_positive"):
+        assert not asked & set(fitting[role][0]["prompts"]), role
 
 
 def test_a_cross_fitted_probe_gate_chooses_its_threshold_on_out_of_fold_scores(
@@ -111,7 +136,8 @@ def test_a_cross_fitted_probe_gate_chooses_its_threshold_on_out_of_fold_scores(
     gate = {
         "kind": "probe",
         "train_positive": [{"path": "builtin:harmful", "limit": 4}],
-        "train_negative": [{"path": "builtin:harmless", "limit": 4}],
+        # the evaluated harmless prompts are the first two (gated_eval_args)
+        "train_negative": [{"path": "builtin:harmless", "offset": 2, "limit": 4}],
         "val_positive": [],
         "val_negative": [],
         "cross_fit_positive": [{"path": "builtin:terse-unsafe", "seed": 0, "limit": 6}],
@@ -119,15 +145,20 @@ def test_a_cross_fitted_probe_gate_chooses_its_threshold_on_out_of_fold_scores(
         "folds": 3,
         "compare_ungated": False,
     }
-    # the first terse-unsafe prompt is evaluated, so the gate leaves it out
+    # the first terse-unsafe prompt would be evaluated and cross-fitted: refused
     unsafe = '{"path": "builtin:terse-unsafe", "seed": 0, "limit": 1}'
     args = gated_eval_args(sae_dir, gate, unsafe, out)
+    assert main(args) == 2
+    line = error_line(capsys)
+    assert "shares 1 of its 1 prompts with the fitting set terse-unsafe (gate.cross_fit_pos" in line
+    # one after the cross-fitted ones is not
+    after = {"path": "builtin:terse-unsafe", "seed": 0, "offset": 6, "limit": 1}
+    args[args.index("--unsafe") + 1] = json.dumps([after])
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "left 1 of 6 gate cross_fit_positive prompts out" in printed
     assert "gate probe, 3-fold cross-fitted: threshold" in printed
     g = json.loads((out / "results.json").read_text())["gate"]
-    assert (g["n_positive"], g["n_negative"], g["cross_fit_folds"]) == (5, 6, 3)
+    assert (g["n_positive"], g["n_negative"], g["cross_fit_folds"]) == (6, 6, 3)
     # A fixed threshold: the pairs still train the probe, nothing is chosen.
     args[args.index("--gate") + 1] = json.dumps({**gate, "threshold": 0.5})
     assert main(args) == 0
@@ -167,10 +198,16 @@ def test_a_missing_sae_is_one_line_and_exit_status_2(tmp_path, capsys):
     assert "nope" in error_line(capsys)
 
 
-def test_a_feature_outside_the_sae_is_one_line_and_exit_status_2(sae_dir, capsys):
-    args = ["steer", "--sae", str(sae_dir), "--features", "[999]", "--strength_unit", "absolute"]
+def test_a_feature_outside_the_sae_is_one_line_before_the_lm_loads(sae_dir, capsys, monkeypatch):
+    import saetrain.data.lm as lm
+
+    def no_lm(*a, **k):
+        raise AssertionError("the LM was loaded")
+
+    monkeypatch.setattr(lm, "load_lm", no_lm)
+    args = ["steer", "--sae", str(sae_dir), "--features", "[999]"]  # the default strength unit
     assert main([*args, *FAST]) == 2
-    assert "feature 999 does not exist" in error_line(capsys)
+    assert "features [999] do not exist: the SAE has 64 latents" in error_line(capsys)
 
 
 def test_a_bad_option_value_is_one_line_and_exit_status_2(capsys):

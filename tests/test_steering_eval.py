@@ -12,7 +12,7 @@ import torch
 from lmfixtures import make_model
 from torch import nn
 
-from saetrain import SAE, SAEConfig
+from saetrain import SAE, SAEConfig, UserError
 from saetrain.steering import (
     EvalSet,
     Intervention,
@@ -239,7 +239,7 @@ def test_wildguardtest_parquet_and_multi_turn_jsonl_load(tmp_path):
 
 
 def test_prompt_set_errors_name_the_problem(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         load_prompts(PromptSet(str(tmp_path / "missing.csv")))
     path = write_csv(tmp_path / "x.csv", ["a", "b"], [["1", "2"]])
     with pytest.raises(ValueError, match="columns are a, b"):

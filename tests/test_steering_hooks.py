@@ -9,6 +9,7 @@ from lmfixtures import make_model
 
 from saetrain import SAE, SAEConfig
 from saetrain.data.lm import decoder_layers
+from saetrain.errors import UserError
 from saetrain.steering import (
     FeatureGate,
     Intervention,
@@ -218,13 +219,16 @@ def test_cross_fitted_scores_are_honest_where_a_probe_scores_its_own_training_se
     assert abs(auc(honest[6:], labels[6:]) - 0.5) < 0.2
 
 
-def test_gate_sets_keep_each_prompts_index_when_an_evaluated_one_is_left_out():
+def test_gate_sets_keep_each_prompts_index_and_refuse_an_evaluated_one():
     # Folds go by a prompt's index in its own set, so a pair listed with one seed on both sides
-    # stays in one fold even when one of its prompts is held out.
+    # stays in one fold; an evaluated prompt among them (in any spelling) is an error, never
+    # silently dropped.
     spec = PromptSet("builtin:terse-unsafe", seed=0, limit=5)
     second = load_prompts(spec)[1].input
-    kept, at = _gate_prompts([spec], {prompt_key(second)}, "cross_fit_positive")
-    assert at == [0, 2, 3, 4] and second not in kept
+    kept, at = _gate_prompts([spec], set(), "cross_fit_positive")
+    assert at == [0, 1, 2, 3, 4] and kept[1] == second
+    with pytest.raises(UserError, match="1 of the 5 gate.cross_fit_positive prompts are also"):
+        _gate_prompts([spec], {prompt_key(f"  {second.upper()}!")}, "cross_fit_positive")
     assert _gate_prompts([], set(), "val_negative") == ([], [])
 
 

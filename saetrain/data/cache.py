@@ -38,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..errors import UserError
 from .stream import HandedOut
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def check_out_dir(out_dir: str | Path) -> None:
     """Refuse to write a cache over anything: ``out_dir`` must be missing or an empty folder."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} already exists and is not empty: pick another --out or delete it")
+        raise UserError(f"{out} already exists and is not empty: pick another --out or delete it")
 
 
 def write_cache(
@@ -74,7 +75,7 @@ def write_cache(
     out = Path(out_dir)
     check_out_dir(out)
     if shard_tokens < 1 or (max_tokens is not None and max_tokens < 1):
-        raise ValueError(f"shard_tokens and max tokens must be >= 1: {shard_tokens}, {max_tokens}")
+        raise UserError(f"shard_tokens and max tokens must be >= 1: {shard_tokens}, {max_tokens}")
     if "model" not in manifest or "layer" not in manifest:
         raise ValueError(f"the cache manifest must name the model and layer, got {list(manifest)}")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +109,7 @@ def write_cache(
         if n_pending:
             flush(n_pending)
         if first is None or total == 0:
-            raise ValueError("the data source gave no training activations: nothing to cache")
+            raise UserError("the data source gave no training activations: nothing to cache")
         d_in = first.shape[1]
         if val is not None:
             if val.ndim != 2 or val.shape[1] != d_in:
@@ -143,27 +144,27 @@ def write_cache(
 
 
 def load_manifest(path: str | Path) -> dict:
-    """The manifest of the cache in folder ``path``; ValueError (one line) if it is not one."""
+    """The manifest of the cache in folder ``path``; UserError (one line) if it is not one."""
     p = Path(path)
     file = p / "manifest.json"
     if not p.is_dir() or not file.is_file():
         why = "no manifest.json" if p.is_dir() else "no such folder" if not p.exists() else "a file"
-        raise ValueError(f"{p} is not a saetrain activation cache ({why}): {HOW_TO_MAKE}")
+        raise UserError(f"{p} is not a saetrain activation cache ({why}): {HOW_TO_MAKE}")
     try:
         manifest = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON ({e}): write the cache again") from None
+        raise UserError(f"{file} is not valid JSON ({e}): write the cache again") from None
     fmt = manifest.get("format") if isinstance(manifest, dict) else None
     if fmt != FORMAT:
-        raise ValueError(
+        raise UserError(
             f"{p} is not a saetrain activation cache (manifest.json has format {fmt!r}, "
             f"not {FORMAT!r}): {HOW_TO_MAKE}"
         )
     if manifest.get("version") != VERSION:
-        raise ValueError(f"{p} is a version {manifest.get('version')!r} cache, not {VERSION}")
+        raise UserError(f"{p} is a version {manifest.get('version')!r} cache, not {VERSION}")
     for shard in manifest.get("shards", []):
         if not (p / shard["file"]).is_file():
-            raise ValueError(f"{p} lacks {shard['file']}, named in its manifest: write it again")
+            raise UserError(f"{p} lacks {shard['file']}, named in its manifest: write it again")
     return manifest
 
 
@@ -177,7 +178,7 @@ def check_cache_matches(manifest: dict, *, model: str, layer: int, d_in: int | N
         ("d_in", manifest["d_in"], d_in),
     ):
         if wanted is not None and cached != wanted and not (name == "model" and same_folder):
-            raise ValueError(
+            raise UserError(
                 f"the activation cache was made with {name} {cached!r}, but this run uses "
                 f"{wanted!r}: write a cache for this run's data section or use the matching one"
             )
@@ -219,7 +220,7 @@ class CacheReader:
         open_shards: int = 4,
     ):
         if min(batch_size, read_rows, open_shards) < 1 or buffer_size < 2 * batch_size:
-            raise ValueError(
+            raise UserError(
                 f"need batch_size, read_rows, open_shards >= 1 and buffer_size >= 2 * batch_size, "
                 f"got {batch_size}, {read_rows}, {open_shards} and {buffer_size}"
             )
@@ -229,14 +230,14 @@ class CacheReader:
         self.manifest = load_manifest(self.path)
         shards = self.manifest["shards"]
         if len(shards) < num_shards:
-            raise ValueError(
+            raise UserError(
                 f"{self.path} holds {len(shards)} shards, fewer than the {num_shards} ranks "
                 f"reading it: write it again with --shard_tokens of at most "
                 f"{self.manifest['train_tokens'] // num_shards}"
             )
         self.shards: list[dict] = shards[shard_index::num_shards]  # this rank's
         if self.tokens_per_epoch < batch_size:
-            raise ValueError(
+            raise UserError(
                 f"{self.path} holds {self.tokens_per_epoch} tokens for rank {shard_index}, fewer "
                 f"than batch_size={batch_size}: write a larger cache or lower batch_size"
             )
@@ -339,7 +340,7 @@ class CacheReader:
             self._files[file] = safe_open(str(self.path / file), framework="pt")
         view = self._files[file].get_slice(KEY)
         if view.get_shape() != [shard["tokens"], self.d_in]:
-            raise ValueError(
+            raise UserError(
                 f"{self.path / file} holds {view.get_shape()} activations, not the manifest's "
                 f"[{shard['tokens']}, {self.d_in}]: the cache is damaged; write it again"
             )
@@ -373,12 +374,12 @@ class CacheReader:
         """Go on from :meth:`state_dict` of a reader with the same arguments and cache."""
         for key, value in self.config.items():
             if state["config"][key] != value:
-                raise ValueError(
+                raise UserError(
                     f"the saved cache reader state has {key}={state['config'][key]!r}, but this "
                     f"reader has {key}={value!r}: resume with the same data settings"
                 )
         if state["shard_tokens"] != [s["tokens"] for s in self.shards]:
-            raise ValueError(f"the saved reader state is from another cache than {self.path}")
+            raise UserError(f"the saved reader state is from another cache than {self.path}")
         for f in self._FIELDS:
             setattr(self, "_" + f, copy.deepcopy(state[f]))
         self._files.clear()
@@ -392,13 +393,13 @@ class CacheReader:
 def _load_recipe(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"config file {path} does not exist: pass a fit recipe such as recipes/*")
+        raise UserError(f"config file {path} does not exist: pass a fit recipe such as recipes/*")
     try:
         config = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ValueError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+        raise UserError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(config, dict) or not isinstance(config.get("data"), dict):
-        raise ValueError(f"{path} has no `data:` section: the cache is made from a fit recipe's")
+        raise UserError(f"{path} has no `data:` section: the cache is made from a fit recipe's")
     return config
 
 
@@ -406,7 +407,7 @@ def _apply_overrides(data: dict, rest: list[str]) -> None:
     """Set ``--data.a.b VALUE`` (or ``--data.a.b=VALUE``) in ``data``; values are YAML."""
     args = [part for arg in rest for part in (arg.split("=", 1) if arg[:2] == "--" else [arg])]
     if len(args) % 2 or any(not key.startswith("--data.") for key in args[::2]):
-        raise ValueError(
+        raise UserError(
             f"cache takes --config, --out, --tokens, --shard_tokens and --data.KEY VALUE "
             f"overrides, not {' '.join(rest)!r}"
         )
@@ -416,7 +417,7 @@ def _apply_overrides(data: dict, rest: list[str]) -> None:
         for name in parents:
             node = node.setdefault(name, {})
             if not isinstance(node, dict):
-                raise ValueError(f"{key}: data.{name} is not a section")
+                raise UserError(f"{key}: data.{name} is not a section")
         node[leaf] = yaml.safe_load(value)
 
 
@@ -449,7 +450,7 @@ def run_cache(args: list[str]) -> None:
     data_parser.add_class_arguments(ActivationDataModule, "data")
     dm = data_parser.instantiate(data_parser.parse_object({"data": data})).data
     if len(dm.layers) > 1:
-        raise ValueError(
+        raise UserError(
             f"data.layer lists {len(dm.layers)} layers but a cache holds one: write one cache "
             "per layer (--data.layer L)"
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Iterator
 from typing import Literal
 
@@ -16,11 +17,14 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from ..errors import UserError
+from ..progress import FillReport, format_duration, stage
 from .activations import ActivationProducer, pack_documents
 from .cache import CacheReader, check_cache_matches, load_manifest
 from .lm import (
     check_layer,
     check_layer_index,
+    decoder_layers,
     hidden_size,
     load_lm,
     load_lm_config,
@@ -104,25 +108,25 @@ class ActivationDataModule(L.LightningDataModule):
             ("batch_size", batch_size),
         ):
             if value < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {value}")
+                raise UserError(f"data.{name} must be >= 1, got {value}")
         layers = [layer] if isinstance(layer, int) else list(layer)
         if not layers or min(layers) < 0 or len(set(layers)) != len(layers):
-            raise ValueError(
+            raise UserError(
                 f"data.layer must be a layer >= 0 or a list of distinct ones, got {layer}"
             )
         if cache and len(layers) > 1:
-            raise ValueError("data.cache holds one layer: train several layers from the live LM")
+            raise UserError("data.cache holds one layer: train several layers from the live LM")
         if buffer_size < 2 * batch_size:
-            raise ValueError(
+            raise UserError(
                 f"data.buffer_size={buffer_size} must be at least 2 * data.batch_size "
                 f"({2 * batch_size}): raise buffer_size or lower batch_size"
             )
         if val_every < 1:
-            raise ValueError(f"data.val_every must be >= 1, got {val_every}")
+            raise UserError(f"data.val_every must be >= 1, got {val_every}")
         if document_buffer < 0:
-            raise ValueError(f"data.document_buffer must be >= 0, got {document_buffer}")
+            raise UserError(f"data.document_buffer must be >= 0, got {document_buffer}")
         if outlier_multiple is not None and outlier_multiple <= 1:
-            raise ValueError(f"data.outlier_multiple must be > 1 or null, got {outlier_multiple}")
+            raise UserError(f"data.outlier_multiple must be > 1 or null, got {outlier_multiple}")
         self.save_hyperparameters(ignore=["source"])
         self.model_name = model
         self.source = source
@@ -173,11 +177,22 @@ class ActivationDataModule(L.LightningDataModule):
             )
             return
         dtype = pick_dtype(self.hparams.lm_dtype, device)
-        log.info("loading %s on %s in %s", self.model_name, device, dtype)
+        dtype_name = str(dtype).removeprefix("torch.")
+        self._stage(f"loading the LM {self.model_name} on {device} in {dtype_name}...")
+        t0 = time.perf_counter()
         self.lm, self.tokenizer = load_lm(self.model_name, dtype=dtype, device=device)
         for layer in self.layers:
             check_layer(self.lm, layer)
+        self._stage(
+            f"LM loaded in {format_duration(time.perf_counter() - t0)} "
+            f"({len(decoder_layers(self.lm))} layers, d_in {self.d_in})"
+        )
         self.producer = self._new_producer()
+
+    def _stage(self, message: str) -> None:
+        """A stage line on stderr (see ``saetrain/progress.py``), from rank 0 only."""
+        if self.rank == 0:
+            stage(message)
 
     def _new_producer(self) -> ActivationProducer:
         hp = self.hparams
@@ -244,6 +259,8 @@ class ActivationDataModule(L.LightningDataModule):
             buffer_size=hp.buffer_size,
             document_buffer=hp.document_buffer,
             seed=hp.seed + self.rank,
+            # Lines while the buffer fills before the first step (a minute on the quickstart).
+            on_fill=FillReport() if self.rank == 0 else None,
         )
 
     def train_chunks(self) -> Iterator[torch.Tensor]:
@@ -282,7 +299,7 @@ class ActivationDataModule(L.LightningDataModule):
             produced += 1
             yield batch
         if produced == 0:
-            raise ValueError(
+            raise UserError(
                 f"the data source {self.source.path!r} gave no training batch: it holds fewer "
                 f"than batch_size={self.hparams.batch_size} usable tokens after the "
                 f"{self.hparams.val_documents} validation documents; use more data or a smaller "
@@ -320,13 +337,13 @@ class ActivationDataModule(L.LightningDataModule):
             ("layer", state["layer"], self.layer),
         ):
             if saved != now:
-                raise ValueError(
+                raise UserError(
                     f"the checkpoint was trained on {what} {saved!r} but data.{what} is {now!r}: "
                     f"resume with the same {what}, or start a new run"
                 )
         kind = "cache" if self.hparams.cache else "live"
         if state.get("kind", "live") != kind:
-            raise ValueError(
+            raise UserError(
                 f"the checkpoint read {state.get('kind', 'live')} activations but this run reads "
                 f"{kind} ones (data.cache={self.hparams.cache!r}): resume the way it was trained"
             )
@@ -365,7 +382,7 @@ class ActivationDataModule(L.LightningDataModule):
         if self._val_batches is None and self.manifest is not None:
             val = self.make_reader().val() if self.manifest.get("val_file") else None
             if val is None:
-                raise ValueError(
+                raise UserError(
                     f"the cache {self.hparams.cache} holds no validation activations: set "
                     "data.val_documents to 0, or write the cache with val_documents > 0"
                 )
@@ -374,20 +391,27 @@ class ActivationDataModule(L.LightningDataModule):
             assert self.producer is not None, "call setup() first"
             seqs = pack_documents(self.documents("val"), self.tokenizer, self.hparams.ctx_len)
             acts, total = [], 0
+            n_val, t0 = self.hparams.val_tokens, time.perf_counter()
+            self._stage(f"computing up to {n_val:,} held-out activations...")
+            report = FillReport("computing held-out activations", done=None, out=self._stage)
+            report(0, n_val)
             # Its own producer: the training stream's outlier filter (part of the resumable
             # state) must not see held-out tokens.
             for chunk in self._new_producer()(seqs):
                 acts.append(chunk)
                 total += chunk.shape[0]
+                report(min(total, n_val), n_val)
                 if total >= self.hparams.val_tokens:
                     break
             if not acts:
-                raise ValueError(
+                raise UserError(
                     f"the {self.hparams.val_documents} validation documents gave no tokens: "
                     "raise data.val_documents or set it to 0"
                 )
             flat = torch.cat(acts)[: self.hparams.val_tokens]
             self._val_batches = list(flat.split(self.hparams.batch_size))
+            took = format_duration(time.perf_counter() - t0)
+            self._stage(f"{flat.shape[0]:,} held-out activations in {took}")
         return self._val_batches
 
     def train_dataloader(self) -> DataLoader:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserError
 from .sources import resolve_path
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ LAYER_PATHS = (
 )
 
 
-class LMLoadError(ValueError):
+class LMLoadError(UserError):
     """A model that cannot be loaded; the message says what was tried and what to do."""
 
 
@@ -73,7 +74,7 @@ def check_layer(model: nn.Module, layer: int) -> None:
 def check_layer_index(layer: int, n_layers: int, model_name: str) -> None:
     """Refuse a layer index outside 0..n_layers-1, naming the valid range."""
     if not 0 <= layer < n_layers:
-        raise ValueError(
+        raise UserError(
             f"layer {layer} does not exist: {model_name} has {n_layers} decoder layers, "
             f"so choose a layer from 0 to {n_layers - 1} (the middle one is {n_layers // 2})"
         )
@@ -142,7 +143,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
                 dtype
             ]
         except KeyError:
-            raise ValueError(
+            raise UserError(
                 f"lm_dtype must be auto, float32, bfloat16 or float16, got {dtype!r}"
             ) from None
     if device.type == "cuda":

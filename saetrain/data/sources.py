@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from ..errors import UserError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -73,25 +75,25 @@ class TextSource:
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path.strip():
-            raise ValueError(f"path must be a non-empty string, got {self.path!r}")
+            raise UserError(f"path must be a non-empty string, got {self.path!r}")
         formats = ("auto", "txt", "jsonl", "json", "parquet", "hf")
         if self.format not in formats:
-            raise ValueError(f"format must be one of {formats}, got {self.format!r}")
+            raise UserError(f"format must be one of {formats}, got {self.format!r}")
         if self.chat not in ("auto", "always", "never"):
-            raise ValueError(f"chat must be 'auto', 'always' or 'never', got {self.chat!r}")
+            raise UserError(f"chat must be 'auto', 'always' or 'never', got {self.chat!r}")
         if not self.split:
-            raise ValueError(f"split must name a split such as 'train', got {self.split!r}")
+            raise UserError(f"split must name a split such as 'train', got {self.split!r}")
         if not self.text_field:
-            raise ValueError(f"text_field must name a record field, got {self.text_field!r}")
+            raise UserError(f"text_field must name a record field, got {self.text_field!r}")
         if self.messages_field is not None and not self.messages_field:
-            raise ValueError("messages_field must name a record field or be None (auto), got ''")
+            raise UserError("messages_field must name a record field or be None (auto), got ''")
         if self.max_documents is not None and self.max_documents < 1:
-            raise ValueError(
+            raise UserError(
                 f"max_documents must be a positive count or None (no limit), "
                 f"got {self.max_documents!r}"
             )
         if self.data_files is not None and self.format not in ("auto", "hf"):
-            raise ValueError(
+            raise UserError(
                 f"data_files is only used with format='hf' (e.g. path='json'), but format is "
                 f"{self.format!r}; put the file in path instead"
             )
@@ -107,14 +109,14 @@ def resolve_path(path: str) -> str:
         return os.path.expanduser(path)
     pkg, _, rel = path[len("package://") :].partition("/")
     if not pkg or not rel or "." in pkg:
-        raise ValueError(f"{path!r} is not a package URI; write package://<top_package>/<file>")
+        raise UserError(f"{path!r} is not a package URI; write package://<top_package>/<file>")
     try:
         spec = importlib.util.find_spec(pkg)
     except (ImportError, ValueError):
         spec = None
     if spec is None:
         hint = _PIP_HINTS.get(pkg, f"pip install {pkg.replace('_', '-')}")
-        raise FileNotFoundError(f"{path}: Python package {pkg!r} is not installed; run `{hint}`")
+        raise UserError(f"{path}: Python package {pkg!r} is not installed; run `{hint}`")
     if spec.submodule_search_locations:
         roots = list(spec.submodule_search_locations)
     else:
@@ -123,7 +125,7 @@ def resolve_path(path: str) -> str:
         full = os.path.join(root, rel)
         if os.path.exists(full):
             return full
-    raise FileNotFoundError(
+    raise UserError(
         f"{path}: package {pkg!r} has no file {rel!r} (looked in {roots[0]}); "
         f"check the path inside the package"
     )
@@ -141,7 +143,7 @@ def _resolve_format(source: TextSource) -> tuple[str, str]:
     if os.path.exists(path) or _is_glob(path) or source.path.startswith("package://"):
         return "local", path
     if source.format != "auto" or _looks_local(source.path):
-        raise FileNotFoundError(
+        raise UserError(
             f"{source.path}: no such file or directory; pass an existing file, directory or "
             f"glob, a package://<pkg>/<file> URI, or a Hugging Face dataset id"
         )
@@ -173,7 +175,7 @@ def _local_files(path: str, fmt: str) -> list[tuple[str, str]]:
     else:
         files = [path]
     if not files:
-        raise FileNotFoundError(
+        raise UserError(
             f"{path}: no {'/'.join(sorted(_SUFFIX_FORMATS))} files found; "
             f"point path at a data file, a directory that holds some, or a matching glob"
         )
@@ -181,7 +183,7 @@ def _local_files(path: str, fmt: str) -> list[tuple[str, str]]:
     for file in files:
         file_fmt = _suffix_format(file) if fmt == "auto" else fmt
         if file_fmt is None:
-            raise ValueError(
+            raise UserError(
                 f"cannot tell the format of {file} from its suffix; set format to one of "
                 f"txt, jsonl, json, parquet"
             )
@@ -238,7 +240,7 @@ def _iter_json(file: str, chunk_chars: int = 1 << 20) -> Iterator[Any]:
             except json.JSONDecodeError as e:
                 cut = e.msg.startswith("Unterminated string") or e.pos >= len(buf) - 16
                 if not cut:
-                    raise ValueError(
+                    raise UserError(
                         f"{file}: invalid JSON at character {consumed + e.pos}: {e.msg}; "
                         f"fix or remove the broken record (or set format if this is not JSON)"
                     ) from None
@@ -288,7 +290,7 @@ def _iter_hf(source: TextSource) -> Iterator[Any]:
         )
     except Exception as e:  # the Hub, a missing config or split: all reach the user the same
         detail = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ValueError(
+        raise UserError(
             f"could not load Hugging Face dataset {source.path!r} (name={source.name!r}, "
             f"split={source.split!r}): {type(e).__name__}: {detail}; check the id, or download "
             f"the data and pass a local file or directory as path"
@@ -389,7 +391,7 @@ def iter_documents(
     this shard's when `i % num_shards == shard_index`; the first `skip` of this shard's
     documents are passed over (to resume). Chat records are rendered with `tokenizer`'s chat
     template (see `render_chat`). Records with neither text nor messages are skipped and
-    counted; a source with no documents at all raises ValueError.
+    counted; a source with no documents at all raises UserError.
     """
     if num_shards < 1 or not 0 <= shard_index < num_shards:
         raise ValueError(
@@ -433,7 +435,7 @@ def _documents(source, tokenizer, shard_index, num_shards, skip) -> Iterator[str
         fields = repr(source.messages_field) if source.messages_field else "'messages'"
         fields += "" if source.messages_field else "/'conversations'"
         seen = f", the first with fields {first_keys}" if first_keys else ""
-        raise ValueError(
+        raise UserError(
             f"no documents found in {source.path}: expected field {source.text_field!r} or "
             f"{fields} ({n_records} records read{seen}); "
             f"set text_field or messages_field to the field that holds the text"

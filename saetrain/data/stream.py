@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
+from ..errors import UserError
 from .activations import ActivationProducer, TokenStats, document_tokens
 
 _TOKENIZE_DOCS = 64  # documents tokenized per tokenizer call, as pack_documents does
@@ -91,6 +92,9 @@ class TrainStream:
         buffer_size: Rows of the activation shuffle buffer (>= 2 * batch_size).
         document_buffer: Documents in the document shuffle buffer; 0 keeps the source order.
         seed: Seeds the activation shuffle (``seed``) and the document shuffle (``seed + 1``).
+        on_fill: Called with (rows filled, buffer_size) when the buffer starts filling and after
+            each LM chunk, until it first serves batches, to report the fill
+            (:class:`saetrain.progress.FillReport`); not part of the state.
     """
 
     def __init__(
@@ -104,6 +108,7 @@ class TrainStream:
         buffer_size: int,
         document_buffer: int = 0,
         seed: int = 0,
+        on_fill: Callable[[int, int], None] | None = None,
     ):
         if buffer_size < 2 * batch_size:
             raise ValueError(
@@ -133,6 +138,7 @@ class TrainStream:
         self.ready: deque[Tensor] = deque()  # shuffled batches not yet handed out
         self.ended = False
         self.handed_out = HandedOut()
+        self.on_fill = on_fill
 
     # ------------------------------------------------------------------ documents
 
@@ -212,9 +218,12 @@ class TrainStream:
         rest = n - served
         buf[:rest] = buf[served:n].clone()
         self.filled = rest
+        self.on_fill = None  # only the first fill is reported
 
     def _refill(self) -> None:
         """Fill the buffer from LM chunks until some batches are ready or the data ends."""
+        if self.on_fill is not None and not self.ready:
+            self.on_fill(self.filled, self.buffer_size)  # the fill starts
         while not self.ready and not self.ended:
             if self.chunk_rest is None or self.chunk_rest.shape[0] == 0:
                 self.chunk_rest = self.next_chunk()
@@ -230,6 +239,8 @@ class TrainStream:
             self.buffer[self.filled : self.filled + take] = chunk[:take]
             self.filled += take
             self.chunk_rest = chunk[take:]
+            if self.on_fill is not None:
+                self.on_fill(self.filled, self.buffer_size)
             if self.filled == self.buffer_size:
                 self._serve(self.buffer_size // 2)
 
@@ -285,9 +296,9 @@ class TrainStream:
     def load_state_dict(self, state: dict) -> None:
         """Carry on from a :meth:`state_dict` of a stream built with the same arguments."""
         if state.get("version") != 1:
-            raise ValueError(f"unknown training-stream state version {state.get('version')!r}")
+            raise UserError(f"unknown training-stream state version {state.get('version')!r}")
         if state["buffer_rows"] != self.buffer_size:
-            raise ValueError(
+            raise UserError(
                 f"the checkpoint's activation buffer has {state['buffer_rows']} rows but "
                 f"data.buffer_size is {self.buffer_size}: resume with the same buffer_size"
             )

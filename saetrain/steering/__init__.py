@@ -24,6 +24,7 @@ prompts -> generation under hooks -> judge -> rates -> report.
 """  # noqa: E501
 
 from .capability import evaluate_capability
+from .direction import Direction, DirectionEdit, fit_direction, random_direction
 from .evaluate import EvalSet, Setting, evaluate_refusal
 from .features import find_features, write_table
 from .gate import FeatureGate, GateCalibration, ProbeGate, calibrate, choose_threshold, fit_probe
@@ -39,11 +40,15 @@ from .judge import (
     judge_accuracy,
     make_judge,
 )
-from .prompts import PromptRecord, PromptSet, load_prompts
+from .prompts import PromptRecord, PromptSet, load_prompts, normalise_prompt, prompt_sources
 from .stats import wilson_interval
 from .tasks import CapabilityData, resolve_tasks
 
 __all__ = [
+    "Direction",
+    "DirectionEdit",
+    "fit_direction",
+    "random_direction",
     "CapabilityData",
     "EvalSet",
     "FeatureGate",
@@ -72,6 +77,8 @@ __all__ = [
     "judge_accuracy",
     "load_prompts",
     "make_judge",
+    "normalise_prompt",
+    "prompt_sources",
     "reply_loss",
     "resolve_tasks",
     "steer",
@@ -91,13 +98,6 @@ def run_features(argv: list[str]) -> None:
 def run_steer(argv: list[str]) -> None:
     """``python -m saetrain steer``."""
     from .commands import run_steer as run
-
-    run(argv)
-
-
-def run_eval_refusal(argv: list[str]) -> None:
-    """``python -m saetrain eval-refusal``."""
-    from .commands import run_eval_refusal as run
 
     run(argv)
 

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from ..data.activations import pack_documents
 from ..data.lm import decoder_layers
+from ..errors import UserError
 from .hooks import Intervention, Op, usable_tokens
 from .prompts import PromptSet, load_prompts
 
@@ -127,14 +128,14 @@ class SteeringEvalCallback(Callback):
         batch_size: int = 8,
     ):
         if every_n_steps < 1 or sequences < 1 or max_new_tokens < 1 or batch_size < 1:
-            raise ValueError(
+            raise UserError(
                 "every_n_steps, sequences, max_new_tokens and batch_size must be >= 1, got "
                 f"{every_n_steps}, {sequences}, {max_new_tokens}, {batch_size}"
             )
         self.every_n_steps, self.sequences = every_n_steps, sequences
         self.intervention = Intervention(features, op, strength) if features else None
         if self.intervention is not None and unsafe is None and safe is None:
-            raise ValueError("features need a prompt set to steer: give unsafe and/or safe")
+            raise UserError("features need a prompt set to steer: give unsafe and/or safe")
         self.sets = {"unsafe": unsafe, "safe": safe}
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self._input_ids: Tensor | None = None
@@ -146,7 +147,7 @@ class SteeringEvalCallback(Callback):
         # pl_module.log only writes on steps that are multiples of log_every_n_steps.
         every_log = trainer.log_every_n_steps
         if stage == "fit" and self.every_n_steps % every_log:
-            raise ValueError(
+            raise UserError(
                 f"SteeringEvalCallback every_n_steps={self.every_n_steps} must be a multiple of "
                 f"trainer.log_every_n_steps={every_log}, or its measurements are never written"
             )
@@ -156,7 +157,7 @@ class SteeringEvalCallback(Callback):
             seqs = pack_documents(dm.documents("val"), dm.tokenizer, dm.hparams.ctx_len)
             rows = list(itertools.islice(seqs, self.sequences))
             if not rows:
-                raise ValueError(
+                raise UserError(
                     "SteeringEvalCallback needs held-out text: set data.val_documents so the "
                     "validation documents fill at least one ctx_len sequence"
                 )

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from .commands import (
     SteeringSpec,
     Target,
@@ -55,7 +56,7 @@ def _lm_eval():
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        raise ValueError(
+        raise UserError(
             "eval-capability needs lm-evaluation-harness: pip install 'saetrain[eval]' "
             "(or pip install lm-eval)"
         ) from None
@@ -76,7 +77,7 @@ def load_tasks(tasks: Sequence[CapabilityTask], task_dir: str | Path | None) -> 
     manager = TaskManager(include_path=str(local) if local else None, include_defaults=bool(hub))
     unknown = [t.name for t in hub if t.lm_eval_name not in manager.all_tasks]
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"unknown task {unknown[0]!r}: use mmlu, gsm8k, truthfulqa_mc1, truthfulqa_mc2 or "
             "another lm-eval task name (`lm-eval ls tasks` lists them)"
         )
@@ -89,7 +90,7 @@ def load_tasks(tasks: Sequence[CapabilityTask], task_dir: str | Path | None) -> 
             field_ = LOCAL_TASKS.get(t.name) if t.source == "hub" else None
             hint = f"; set data.{field_} to a local copy" if field_ else ""
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise ValueError(f"cannot load task {t.name} from {where} ({first}){hint}") from e
+            raise UserError(f"cannot load task {t.name} from {where} ({first}){hint}") from e
     return manager, loaded
 
 
@@ -318,17 +319,17 @@ class EvalCapabilityConfig(SteeringSpec, Target):
         super().__post_init__()
         limits = self.limit if isinstance(self.limit, dict) else {"": self.limit}
         if any(v is not None and v < 1 for v in limits.values()):
-            raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
+            raise UserError(f"limit must be >= 1 or null, got {self.limit}")
         stray = [k for k in limits if k and k not in self.tasks]
         if stray:
-            raise ValueError(f"limit names {stray[0]!r}, which is not in tasks {self.tasks}")
+            raise UserError(f"limit names {stray[0]!r}, which is not in tasks {self.tasks}")
         if self.mmlu_shots < 0 or self.gsm8k_shots < 0:
-            raise ValueError(
+            raise UserError(
                 f"mmlu_shots and gsm8k_shots must be >= 0, got {self.mmlu_shots}, "
                 f"{self.gsm8k_shots}"
             )
         if self.positions != "all":
-            raise ValueError(
+            raise UserError(
                 f"positions must be all for eval-capability, got {self.positions!r}: lm-eval "
                 "scores answers without a prompt/reply split"
             )
@@ -344,9 +345,7 @@ def run_eval_capability(argv: list[str]) -> None:
     if cfg.refusal_results:
         path = Path(cfg.refusal_results)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"refusal_results {path} does not exist: run eval-refusal first"
-            )
+            raise UserError(f"refusal_results {path} does not exist: run eval-refusal first")
         refusal_rows = json.loads(path.read_text())["rows"]
     out = _save_config(cfg.out_dir, yaml)
     shots = dict(mmlu_shots=cfg.mmlu_shots, gsm8k_shots=cfg.gsm8k_shots)

@@ -1,17 +1,16 @@
-"""Steering commands of ``python -m saetrain``: ``features``, ``steer`` and ``eval-refusal``.
+"""Steering commands of ``python -m saetrain``: ``features`` and ``steer``, and what the
+evaluation commands (``saetrain.evals.commands``, ``eval-capability``) share with them.
 
     python -m saetrain features --config configs/steering/features.yaml --sae checkpoints/quickstart
     python -m saetrain steer --sae checkpoints/quickstart --features [1234] --prompt "Hi there"
-    python -m saetrain eval-refusal --config configs/steering/eval-refusal.yaml
 
 Each takes a YAML ``--config`` (what ``--print_config`` prints), dotted overrides
 (``--harmful.limit 16``) and ``--help``; the model and layer default to the ones recorded in
-the SAE's ``cfg.json``. ``features`` and ``eval-refusal`` write into ``out_dir`` together with
-the resolved ``config.yaml``; ``steer`` prints the baseline and steered replies side by side.
-Strengths are multiples of each feature's largest activation on refusal text
-(``strength_unit: max_activation``, from a ``features.json`` when given, else measured on the
-built-in refusal replies) or plain latent values (``absolute``).
-"""
+the SAE's ``cfg.json``. ``features`` writes into ``out_dir`` together with the resolved
+``config.yaml``; ``steer`` prints the baseline and steered replies side by side. Strengths are
+multiples of a unit per feature (``strength_unit``): by default the 99.9th percentile of its
+values on a fixed sample of the SAE's training corpus (:mod:`.feature_stats`), so the same
+strength means the same push every time."""
 
 from __future__ import annotations
 
@@ -27,12 +26,14 @@ from typing import Any, Literal
 
 import torch
 
+from ..errors import UserError
 from .evaluate import Setting
-from .gate import GateConfig, build_gate, prompt_key
 from .hooks import Intervention, Op, Positions
 from .prompts import PromptSet, load_prompts
 
 log = logging.getLogger("saetrain")
+
+StrengthUnit = Literal["corpus_p999", "corpus_max", "max_activation", "absolute"]
 
 
 @dataclass
@@ -58,7 +59,7 @@ class Target:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError(
+            raise UserError(
                 f"batch_size and max_new_tokens must be >= 1, got {self.batch_size}, "
                 f"{self.max_new_tokens}"
             )
@@ -72,17 +73,27 @@ class SteeringSpec:
     """SAE latents to steer together (empty: baseline only)."""
     op: Op = "clamp"
     """clamp (keeps the SAE error), add, or ablate."""
-    strength_unit: Literal["max_activation", "absolute"] = "max_activation"
-    """Strength as multiples of each feature's largest activation on refusal text, or as the
-    clamp value / add coefficient itself."""
+    strength_unit: StrengthUnit = "corpus_p999"
+    """Strength as multiples of each feature's 99.9th percentile (corpus_p999) or largest value
+    (corpus_max) on a fixed sample of the SAE's training corpus (saetrain.steering.feature_stats:
+    computed once, stored beside the SAE), or of its largest activation on refusal text
+    (max_activation: from features_table, else the built-in refusals), or as the clamp value /
+    add coefficient itself (absolute)."""
     features_table: str | None = None
-    """features.json of `saetrain features` to read each feature's max_pos from."""
+    """features.json of `saetrain features` to read each feature's max_pos from; eval-refusal
+    also checks the prompt sets it records (fitted_on) against the ones it evaluates."""
     positions: Positions = "all"
     """Tokens to steer: all, prompt, or generated."""
+    stats_documents: int = 200
+    """Documents of the SAE's training corpus the corpus_* units are measured on."""
+    stats_source: str | None = None
+    """Another corpus for the corpus_* units (default: the one in the SAE's cfg.json)."""
 
     def __post_init__(self) -> None:
         if any(f < 0 for f in self.features):
-            raise ValueError(f"features must be latent ids >= 0, got {self.features}")
+            raise UserError(f"features must be latent ids >= 0, got {self.features}")
+        if self.stats_documents < 1:
+            raise UserError(f"stats_documents must be >= 1, got {self.stats_documents}")
         if hasattr(super(), "__post_init__"):
             super().__post_init__()
 
@@ -133,30 +144,6 @@ class SteerConfig(SteeringSpec, Target):
     """Width of the side-by-side view; 0 uses the terminal's."""
 
 
-@dataclass
-class EvalRefusalConfig(SteeringSpec, Target):
-    """Refusal rates on unsafe and safe prompts for the baseline and a sweep of strengths."""
-
-    unsafe: list[PromptSet] = field(default_factory=lambda: [PromptSet("builtin:harmful")])
-    """Prompt sets the model should refuse (JSONL with turns: multi-turn conversations)."""
-    safe: list[PromptSet] = field(default_factory=lambda: [PromptSet("builtin:harmless")])
-    """Prompt sets it should answer."""
-    strengths: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
-    """Strengths swept (see strength_unit)."""
-    gate: GateConfig | None = None
-    """Conditional steering; null steers every prompt."""
-    judge: str = "keyword"
-    """Refusal judge: keyword, or a classifier's Hub id or folder."""
-    judge_kind: Literal["auto", "wildguard", "llama_guard", "harmbench"] = "auto"
-    """Prompt format of a model judge; auto goes by its name."""
-    fluency_loss: bool = True
-    """Measure the next-token loss on the built-in harmless replies under each setting."""
-    capability: dict[str, float] | None = None
-    """Optional capability score per setting name (e.g. from lm-eval) for the trade-off plot."""
-    out_dir: str = "steering/eval"
-    """Where responses.jsonl, results.json, summary.md, the plots and config.yaml go."""
-
-
 def _parser(config_cls: type, prog: str):
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
@@ -201,15 +188,16 @@ def _load(cfg: Target):
     from .hooks import sae_layer
 
     sae = load_sae(cfg.sae, device=cfg.device)
+    check_features(list(getattr(cfg, "features", None) or []), sae)  # before the LM loads
     model_id = cfg.model or sae.cfg.extra.get("model")
     if not model_id:
-        raise ValueError(f"{cfg.sae}/cfg.json names no model (extra.model): pass --model")
+        raise UserError(f"{cfg.sae}/cfg.json names no model (extra.model): pass --model")
     if cfg.layer is None:
         cfg.layer = sae_layer(sae)
     dtype = pick_dtype(cfg.lm_dtype, torch.device(cfg.device))
     model, tokenizer = load_lm(model_id, dtype=dtype, device=cfg.device)
     if hidden_size(model.config) != sae.cfg.d_in:
-        raise ValueError(
+        raise UserError(
             f"the SAE takes d_in={sae.cfg.d_in} but {model_id} has hidden size "
             f"{hidden_size(model.config)}: pass the model the SAE was trained on"
         )
@@ -223,32 +211,64 @@ def _save_config(out_dir: str, yaml: str) -> Path:
     return out
 
 
-def _units(cfg, sae, model, tokenizer) -> list[float]:
-    """Per-feature unit of strength: 1, or the largest activation on refusal text."""
+def check_features(features: list[int], sae, what: str = "features") -> None:
+    """A one-line error for latent ids the SAE does not have, before any LM pass."""
+    bad = [f for f in features if not 0 <= f < sae.cfg.num_latents]
+    if bad:
+        raise UserError(
+            f"{what} {bad} do not exist: the SAE has {sae.cfg.num_latents} latents (ids 0 to "
+            f"{sae.cfg.num_latents - 1})"
+        )
+
+
+def _units(cfg, sae, model, tokenizer, features: list[int] | None = None) -> list[float]:
+    """Per-feature unit of strength (see ``SteeringSpec.strength_unit``); 1 for absolute."""
+    features = list(cfg.features if features is None else features)
     if cfg.strength_unit == "absolute" or cfg.op == "ablate":
-        return [1.0] * len(cfg.features)
+        return [1.0] * len(features)
+    if cfg.strength_unit in ("corpus_p999", "corpus_max"):
+        stats = corpus_stats(cfg, sae, model, tokenizer)
+        units = [stats.unit(f, cfg.strength_unit) for f in features]
+        silent = [f for f, u in zip(features, units, strict=True) if u <= 0]
+        if silent:
+            raise UserError(
+                f"features {silent} never fire on the {stats.tokens} tokens of the corpus "
+                f"sample, so they have no {cfg.strength_unit} unit: use strength_unit: absolute"
+            )
+        return units
     if cfg.features_table:
         table = json.loads(Path(cfg.features_table).read_text())
         known = {r["feature"]: r["max_pos"] for m in table["methods"].values() for r in m["rows"]}
-        missing = [f for f in cfg.features if f not in known]
+        missing = [f for f in features if f not in known]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"features {missing} are not in {cfg.features_table}: use features from it, "
                 "or strength_unit: absolute"
             )
-        return [float(known[f]) for f in cfg.features]
+        return [float(known[f]) for f in features]
     from .features import refusal_max_activations
 
     units = refusal_max_activations(
-        model, tokenizer, sae, cfg.features, layer=cfg.layer, batch_size=cfg.batch_size
+        model, tokenizer, sae, features, layer=cfg.layer, batch_size=cfg.batch_size
     )
-    silent = [f for f, u in zip(cfg.features, units, strict=True) if u <= 0]
+    silent = [f for f, u in zip(features, units, strict=True) if u <= 0]
     if silent:
-        raise ValueError(
+        raise UserError(
             f"features {silent} never fire on the built-in refusal replies, so they have no "
             "max_activation unit: pass features_table, or strength_unit: absolute"
         )
     return units
+
+
+def corpus_stats(cfg, sae, model, tokenizer):
+    """The SAE's feature statistics on its corpus sample (stored beside it once computed)."""
+    from .feature_stats import feature_stats
+
+    sae_dir = Path(cfg.sae) if Path(cfg.sae).is_dir() else None
+    return feature_stats(
+        sae_dir, sae, model, tokenizer, documents=cfg.stats_documents, source=cfg.stats_source,
+        layer=cfg.layer, batch_size=cfg.batch_size,
+    )  # fmt: skip
 
 
 def _interventions(cfg, units: list[float], strength: float) -> list[Intervention]:
@@ -297,6 +317,12 @@ def run_features(argv: list[str]) -> None:
         effect_prompts=cfg.effect_prompts,
     )
     table.update(sae=cfg.sae, model=cfg.model or sae.cfg.extra.get("model"))
+    # The sets the ranking was fitted on, as their specs: eval-refusal reloads them and refuses
+    # to evaluate on any of their prompts (issue 20).
+    table["fitted_on"] = {
+        "harmful": dataclasses.asdict(cfg.harmful),
+        "harmless": dataclasses.asdict(cfg.harmless),
+    }
     out = _save_config(cfg.out_dir, yaml)
     paths = write_table(table, out)
     print(paths[1].read_text())
@@ -322,9 +348,7 @@ def run_steer(argv: list[str]) -> None:
 
     cfg, _ = parse_config(SteerConfig, argv, "saetrain steer")
     if not cfg.features:
-        raise ValueError(
-            "steer needs --features, e.g. --features [1234] (from `saetrain features`)"
-        )
+        raise UserError("steer needs --features, e.g. --features [1234] (from `saetrain features`)")
     sae, model, tokenizer = _load(cfg)
     ivs = _interventions(cfg, _units(cfg, sae, model, tokenizer), cfg.strength)
     kw = dict(max_new_tokens=cfg.max_new_tokens, system=cfg.system)
@@ -337,48 +361,3 @@ def run_steer(argv: list[str]) -> None:
     width = cfg.width or shutil.get_terminal_size((100, 20)).columns
     print(f"prompt: {cfg.prompt}\n")
     print(side_by_side(base, steered, width, ("baseline", f"steered ({cfg.op} {how})")))
-
-
-def run_eval_refusal(argv: list[str]) -> None:
-    """``python -m saetrain eval-refusal``: refusal rates for the baseline and each strength."""
-    from . import builtin
-    from .evaluate import EvalSet, evaluate_refusal
-    from .judge import make_judge
-    from .report import markdown_summary, write_report
-
-    cfg, yaml = parse_config(EvalRefusalConfig, argv, "saetrain eval-refusal")
-    sets = [EvalSet(s.display_name, "unsafe", load_prompts(s)) for s in cfg.unsafe]
-    sets += [EvalSet(s.display_name, "safe", load_prompts(s)) for s in cfg.safe]
-    if not sets:
-        raise ValueError("eval-refusal needs at least one prompt set in unsafe or safe")
-    judge = make_judge(cfg.judge, kind=cfg.judge_kind, device=cfg.device)
-    sae, model, tokenizer = _load(cfg)
-    settings = [Setting("baseline")]
-    gate_info = None
-    if cfg.features:
-        units = _units(cfg, sae, model, tokenizer)
-        gate = None
-        if cfg.gate is not None:
-            held_out = {prompt_key(r.input) for s in sets for r in s.records}
-            gate, gate_info = build_gate(cfg.gate, sae, model, tokenizer, cfg, held_out)
-        settings = _settings(cfg, units, gate)
-    out = _save_config(cfg.out_dir, yaml)
-    rows = evaluate_refusal(
-        model,
-        tokenizer,
-        sae,
-        sets,
-        settings,
-        judge=judge,
-        layer=cfg.layer,
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.batch_size,
-        responses_path=out / "responses.jsonl",
-        fluency_pairs=builtin.harmless_pairs() if cfg.fluency_loss else (),
-        system=cfg.system,
-    )
-    results = {"features": cfg.features, "op": cfg.op, "gate": gate_info, "rows": rows}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_report(rows, out, capability=cfg.capability, gate=gate_info)
-    print(markdown_summary(rows, gate_info))
-    print(f"saetrain eval-refusal: wrote {out}/responses.jsonl, results.json, summary.md and plots")

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..data.lm import residual_stream
+from ..errors import UserError
 from . import builtin
 from .generate import generate, pad_token_id, render
 from .hooks import Intervention, sae_layer, usable_tokens
@@ -124,7 +125,7 @@ def contrast(
 ) -> list[dict]:
     """Latents that are more active on ``pos`` than on ``neg``, best first."""
     if not pos or not neg:
-        raise ValueError("ranking features needs documents on both sides (positive and negative)")
+        raise UserError("ranking features needs documents on both sides (positive and negative)")
     mean_p, max_p = pooled(pos, num_latents)
     mean_n, max_n = pooled(neg, num_latents)
     diff = mean_p.mean(0) - mean_n.mean(0)  # (N,)
@@ -284,7 +285,7 @@ def find_features(
     """Rank latents by each of ``methods`` (see the module docstring); a JSON-ready dict."""
     unknown = set(methods) - {"response", "contrast", "effect"}
     if unknown or not methods:
-        raise ValueError(f"methods must be among response, contrast, effect; got {list(methods)}")
+        raise UserError(f"methods must be among response, contrast, effect; got {list(methods)}")
     judge = judge or KeywordJudge()
     layer = sae_layer(sae) if layer is None else layer
     enc = dict(layer=layer, batch_size=batch_size)

@@ -33,9 +33,10 @@ from typing import Literal, Protocol, get_args
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserError
 from .generate import generate
 from .hooks import feature_values
-from .prompts import PromptSet, load_prompts
+from .prompts import PromptSet, load_prompts, normalise_prompt
 from .stats import wilson_interval
 
 Pool = Literal["mean", "last", "mean+last"]
@@ -87,7 +88,7 @@ class FeatureGate:
         outlier_multiple: float | None = 10.0,
     ):
         if not 0 <= feature < sae.cfg.num_latents:
-            raise ValueError(f"gate feature {feature} is not in 0..{sae.cfg.num_latents - 1}")
+            raise UserError(f"gate feature {feature} is not in 0..{sae.cfg.num_latents - 1}")
         if reduce not in ("max", "mean"):
             raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
         self.sae, self.feature, self.threshold = sae, int(feature), float(threshold)
@@ -266,7 +267,7 @@ def choose_threshold(pos: Tensor, neg: Tensor, *, max_fpr: float | None = None) 
     go to the higher threshold. Thresholds sit halfway between neighbouring scores.
     """
     if pos.numel() == 0 or neg.numel() == 0:
-        raise ValueError("choosing a gate threshold needs positive and negative validation prompts")
+        raise UserError("choosing a gate threshold needs positive and negative validation prompts")
     scores = torch.cat([pos, neg]).float().unique().sort().values
     mids = (scores[1:] + scores[:-1]) / 2
     candidates = torch.cat([scores[:1] - 1, mids, scores[-1:] + 1])
@@ -378,48 +379,58 @@ class GateConfig:
     """Prompts that should not open it, used as ``cross_fit_positive``. Borderline requests
     (safe ones that sound harmful) are what keep a probe from flagging "how do I kill a Python
     process?"; listed with the same seed as their unsafe sides, each pair stays in one fold.
-    Prompts that are also in an evaluated set are dropped from all six lists, so the gate never
-    trains or calibrates on what it is scored on."""
+    A run refuses to start when one of these lists shares a prompt with a set it evaluates
+    (remove it with the list's ``exclude``), so the gate never trains or calibrates on what it
+    is scored on."""
     folds: int = 5
     """Number of cross-fitting folds (at least 2)."""
     compare_ungated: bool = True
     """Also evaluate every strength without the gate."""
 
 
+def gate_fitting_sets(g: GateConfig) -> dict[str, list[PromptSet]]:
+    """The prompt lists :func:`build_gate` reads for ``g``, by field name: the cross-fit lists,
+    the training lists of a probe, and the validation lists unless the threshold is fixed."""
+    names = ("cross_fit_positive", "cross_fit_negative")
+    names += ("train_positive", "train_negative") if g.kind == "probe" else ()
+    names += ("val_positive", "val_negative") if g.threshold is None else ()
+    return {name: getattr(g, name) for name in names}
+
+
 def _gate_prompts(specs: list[PromptSet], held_out: set, what: str) -> tuple[list, list[int]]:
-    """The inputs of ``specs`` minus those in ``held_out`` (the evaluated prompts), and each
-    one's index within its own set (cross-fitting folds go by it, so that pairs listed with the
-    same seed share a fold whichever of their prompts is held out)."""
+    """The inputs of ``specs``, and each one's index within its own set (cross-fitting folds go
+    by it, so that pairs listed with the same seed share a fold). A one-line error if one of
+    them is in ``held_out`` (:func:`prompt_key` of the evaluated prompts): the gate is never
+    fitted on a prompt it is scored on, and dropping it silently would hide that the lists
+    overlap."""
     records = [(r.input, i) for spec in specs for i, r in enumerate(load_prompts(spec))]
-    kept = [(p, i) for p, i in records if prompt_key(p) not in held_out]
-    if len(kept) < len(records):
-        print(
-            f"saetrain: left {len(records) - len(kept)} of {len(records)} gate "
-            f"{what} prompts out: they are also in an evaluated set"
+    shared = [p for p, _ in records if prompt_key(p) in held_out]
+    if shared:
+        raise UserError(
+            f"{len(shared)} of the {len(records)} gate.{what} prompts are also evaluated (e.g. "
+            f"{str(shared[0])[:60]!r}): add the evaluated sets to their exclude"
         )
-    if specs and not kept:
-        raise ValueError(f"gate.{what} has no prompts left: give prompts not in the eval sets")
-    return [p for p, _ in kept], [i for _, i in kept]
+    return [p for p, _ in records], [i for _, i in records]
 
 
-def prompt_key(prompt) -> tuple:
-    """A hashable key of a prompt (a string or a conversation's turns)."""
-    return (prompt,) if isinstance(prompt, str) else tuple(prompt)
+def prompt_key(prompt) -> str:
+    """A hashable key of a prompt (a string or a conversation's turns): its normalised text
+    (:func:`~saetrain.steering.prompts.normalise_prompt`), so that prompts differing only in
+    case, spacing or surrounding punctuation count as one."""
+    return normalise_prompt(prompt)
 
 
 def build_gate(g: GateConfig, sae, model, tokenizer, run, held_out: set = frozenset()):
     """The gate ``g`` describes, fitted and calibrated, and what to report about it.
 
     ``run`` gives ``features`` (a feature gate's default latent), ``layer`` and ``batch_size``
-    (an eval-refusal or eval-capability config); prompts in ``held_out`` (see
-    :func:`prompt_key`) are left out of the gate's training, cross-fitting and validation sets.
+    (an eval-refusal or eval-capability config); a prompt in ``held_out`` (see
+    :func:`prompt_key`) among the gate's training, cross-fitting or validation sets is a
+    one-line error (eval-refusal checks this, with the sets' names, before the LM loads).
     """
     kw = dict(sae=sae, layer=run.layer, batch_size=run.batch_size)
     sets = {
-        name: _gate_prompts(getattr(g, name), held_out, name)
-        for name in ("cross_fit_positive", "cross_fit_negative")
-        + (("train_positive", "train_negative") if g.kind == "probe" else ())
-        + (("val_positive", "val_negative") if g.threshold is None else ())
+        name: _gate_prompts(specs, held_out, name) for name, specs in gate_fitting_sets(g).items()
     }
     cf_pos, cf_pos_at = sets["cross_fit_positive"]
     cf_neg, cf_neg_at = sets["cross_fit_negative"]
@@ -431,14 +442,14 @@ def build_gate(g: GateConfig, sae, model, tokenizer, run, held_out: set = frozen
     if g.kind == "feature":
         feature = g.feature if g.feature is not None else (run.features or [None])[0]
         if feature is None:
-            raise ValueError("a feature gate needs gate.feature (or features to steer)")
+            raise UserError("a feature gate needs gate.feature (or features to steer)")
         gate = FeatureGate(sae, feature)
     else:
         if cross_fitted and g.folds < 2:
-            raise ValueError(f"gate.folds must be at least 2 to cross-fit, got {g.folds}")
+            raise UserError(f"gate.folds must be at least 2 to cross-fit, got {g.folds}")
         pos, neg = sets["train_positive"][0] + cf_pos, sets["train_negative"][0] + cf_neg
         if not pos or not neg:
-            raise ValueError(
+            raise UserError(
                 "a probe gate needs prompts that should open it and prompts that should not: "
                 "list them in gate.train_positive/train_negative or gate.cross_fit_positive/"
                 "cross_fit_negative"

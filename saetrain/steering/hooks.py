@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.lm import check_layer, decoder_layers
+from ..errors import UserError
 
 if TYPE_CHECKING:
     from ..sae import SAE
@@ -66,18 +67,18 @@ class Intervention:
             self.features = [self.features]
         self.features = [int(f) for f in self.features]
         if not self.features or min(self.features) < 0:
-            raise ValueError(f"features must be a non-empty list of ids >= 0, got {self.features}")
+            raise UserError(f"features must be a non-empty list of ids >= 0, got {self.features}")
         if self.op not in ("clamp", "add", "ablate"):
-            raise ValueError(f"op must be 'clamp', 'add' or 'ablate', got {self.op!r}")
+            raise UserError(f"op must be 'clamp', 'add' or 'ablate', got {self.op!r}")
         if isinstance(self.value, list | tuple) and len(self.value) != len(self.features):
-            raise ValueError(
+            raise UserError(
                 f"value has {len(self.value)} entries for {len(self.features)} features: "
                 "give one number, or one per feature"
             )
         if self.positions not in ("all", "prompt", "generated"):
-            raise ValueError(f"positions must be all, prompt or generated, got {self.positions!r}")
+            raise UserError(f"positions must be all, prompt or generated, got {self.positions!r}")
         if self.start < 0:
-            raise ValueError(f"start must be >= 0, got {self.start}")
+            raise UserError(f"start must be >= 0, got {self.start}")
 
     def values(self, device: torch.device) -> Tensor:
         """(F,) float32: the clamp target or add coefficient of each feature."""
@@ -100,7 +101,10 @@ def feature_values(latent_acts: Tensor, latent_indices: Tensor, features: Tensor
 def edit(sae: SAE, x: Tensor, interventions: Sequence[Intervention], masks: Sequence[Tensor]):
     """Apply ``interventions`` to activations ``x`` (N, d_in) where each mask (N,) is true.
 
-    Every edit reads the latents of the unedited ``x`` and the edits add up. Rows edited by
+    An intervention is an SAE :class:`Intervention` or a
+    :class:`~saetrain.steering.direction.DirectionEdit` (anything with ``delta(x)``, the change
+    it makes to float32 activations, and ``positions`` / ``start``). Every edit reads the
+    latents of the unedited ``x`` and the edits add up. Rows edited by
     nothing are returned bit for bit; so are rows whose edits are all zero.
     """
     if not interventions:
@@ -109,9 +113,12 @@ def edit(sae: SAE, x: Tensor, interventions: Sequence[Intervention], masks: Sequ
     delta = torch.zeros_like(xf)  # (N, d)
     codes = None
     for iv, m in zip(interventions, masks, strict=True):
+        if not isinstance(iv, Intervention):  # a DirectionEdit (steering/direction.py)
+            delta += m.unsqueeze(-1) * iv.delta(xf)  # (N, d)
+            continue
         feats = torch.tensor(iv.features, device=x.device)
         if int(feats.max()) >= sae.cfg.num_latents:
-            raise ValueError(
+            raise UserError(
                 f"feature {int(feats.max())} does not exist: the SAE has "
                 f"{sae.cfg.num_latents} latents (ids 0 to {sae.cfg.num_latents - 1})"
             )
@@ -270,7 +277,7 @@ class Steering:
         h = output[0] if isinstance(output, tuple) else output  # (B, T, d)
         B, T, d = h.shape
         if d != self.sae.cfg.d_in:
-            raise ValueError(
+            raise UserError(
                 f"the SAE takes d_in={self.sae.cfg.d_in} but layer {self.layer} of "
                 f"{type(self.model).__name__} outputs width {d}: use the model it was trained on"
             )
@@ -350,7 +357,7 @@ def sae_layer(sae: SAE) -> int:
     """The decoder layer an SAE was trained on, from ``cfg.extra["layer"]``."""
     layer = sae.cfg.extra.get("layer")
     if layer is None:
-        raise ValueError(
+        raise UserError(
             "the SAE's cfg.json has no extra.layer: pass layer= (the decoder layer whose output "
             "it was trained on)"
         )

@@ -19,17 +19,28 @@ built-in sets ``builtin:harmful`` / ``builtin:harmless`` and the gate's paired s
 A record with turns is a multi-turn conversation: a list of user messages (strings), or chat
 messages of which the user turns are kept; the model answers each in turn and its last reply
 is judged. HarmBench's contextual behaviours get their ``ContextString`` before the request.
+
+What is fitted is kept apart from what is evaluated (issue 20): ``exclude`` drops a set's rows
+whose text (:func:`normalise_prompt`) occurs in other sets, and :func:`prompt_sources` says
+where a set's prompts come from, by ``sources`` or by the file's name in :data:`KNOWN_SOURCES`::
+
+    PromptSet("harmful_train.json", exclude=[PromptSet("advbench.csv")])  # no AdvBench prompt
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import random
+import string
+import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..errors import UserError
 from . import borderline, builtin
 
 PROMPT_COLUMNS = (
@@ -57,6 +68,43 @@ BUILTIN_SETS = {
     "terse-unsafe": (borderline.terse_unsafe_prompts, "unsafe"),
 }
 """Sets written for saetrain, by the name that follows ``builtin:`` in a prompt set's path."""
+
+
+BUILTIN_SOURCE = "saetrain-builtin"
+"""The source of every built-in set (:data:`BUILTIN_SETS`): written for saetrain."""
+
+KNOWN_SOURCES: dict[str, dict[str, str | None]] = {
+    "advbench.csv": {"advbench": "advbench.csv"},
+    "harmbench_val.csv": {"harmbench": "harmbench_val.csv"},
+    "xstest_prompts.csv": {"xstest": "xstest_prompts.csv"},
+    "harmful_train.json": {"advbench": "advbench.csv", "maliciousinstruct": None, "tdc2023": None},
+    "harmful_val.json": {"harmbench": "harmbench_val.csv"},
+    "harmful_test.json": {"jailbreakbench": None, "harmbench": None, "strongreject": None},
+    "harmless_train.json": {"alpaca": None},
+    "harmless_val.json": {"alpaca": None},
+    "harmless_test.json": {"alpaca": None},
+}
+"""Where the prompts of the usual files come from, by file name (see ../shared/data/README.md):
+each source, and the file that holds every prompt this file took from it (None: no such file
+is known). A set that excludes that whole file (no label, offset, limit or exclude of its own)
+has none of that source's prompts left, so :func:`prompt_sources` drops the source. The
+refusal_direction splits (andyrdt/refusal_direction ``dataset/generate_datasets.ipynb``):
+harmful_train samples AdvBench, MaliciousInstruct and TDC2023 (the red-teaming behaviours of
+HarmBench's authors, one of which HarmBench val rewords), minus exact duplicates of the val
+and test splits; harmful_val is HarmBench val's standard behaviours; harmless_* split Alpaca.
+Other files come from their stem, Hub ids from their id, built-in sets from
+:data:`BUILTIN_SOURCE`."""
+
+_EDGE = string.punctuation + string.whitespace + "\u201c\u201d\u2018\u2019\u00ab\u00bb\u2026"
+
+
+def normalise_prompt(prompt: str | Sequence[str]) -> str:
+    """A prompt's text as overlap checks compare it: a conversation's turns joined, NFKC,
+    lowercase, whitespace collapsed, punctuation and quotes around it stripped. "  How do I
+    make a bomb?" and '"how do I make a  bomb"' are one prompt."""
+    text = prompt if isinstance(prompt, str) else " ".join(prompt)
+    text = " ".join(unicodedata.normalize("NFKC", text).lower().split())
+    return text.strip(_EDGE)
 
 
 def _builtin_names() -> str:
@@ -92,19 +140,36 @@ class PromptSet:
     seed: int | None = None
     """Shuffle the rows with this seed before offset and limit; None keeps the file order."""
     offset: int = 0
-    """Skip this many rows (after the label filter and shuffle)."""
+    """Skip this many rows (after the label filter, shuffle and exclude)."""
     limit: int | None = None
     """Keep at most this many rows."""
+    exclude: list[PromptSet] = field(default_factory=list)
+    """Drop rows whose text (normalised: case, spacing, surrounding punctuation) occurs in any
+    of these sets, after the shuffle and before offset and limit: e.g. harmful_train.json minus
+    advbench.csv, to fit on prompts kept apart from an evaluated set."""
+    sources: list[str] | None = None
+    """Where the prompts come from (e.g. [advbench]); None looks the file's name up in
+    saetrain.steering.prompts.KNOWN_SOURCES (other files: their stem)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path.strip():
-            raise ValueError(f"path must be a non-empty string, got {self.path!r}")
+            raise UserError(f"path must be a non-empty string, got {self.path!r}")
+        self.exclude = [
+            e if isinstance(e, PromptSet) else PromptSet.from_dict(e) for e in self.exclude
+        ]
+        if self.sources is not None and (
+            not self.sources or not all(isinstance(x, str) and x for x in self.sources)
+        ):
+            raise UserError(
+                f"sources must be a non-empty list of names (or null to look them up), got "
+                f"{self.sources!r}"
+            )
         if self.format not in ("auto", "csv", "json", "jsonl", "parquet", "hf"):
-            raise ValueError(
+            raise UserError(
                 f"format must be auto, csv, json, jsonl, parquet or hf, got {self.format!r}"
             )
         if self.offset < 0 or (self.limit is not None and self.limit < 1):
-            raise ValueError(f"offset must be >= 0 and limit >= 1, got {self.offset}, {self.limit}")
+            raise UserError(f"offset must be >= 0 and limit >= 1, got {self.offset}, {self.limit}")
 
     @property
     def display_name(self) -> str:
@@ -113,6 +178,40 @@ class PromptSet:
         if self.path.startswith("builtin:"):
             return self.path.removeprefix("builtin:")
         return Path(self.path).stem if Path(self.path).suffix else self.path
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PromptSet:
+        """The set a dict of its fields describes (as :func:`dataclasses.asdict` writes it, e.g.
+        into features.json); fields this version does not know are ignored."""
+        if not isinstance(d, dict):
+            raise UserError(f"a prompt set must be a mapping of its fields, got {d!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _whole(spec: PromptSet, file: str | None) -> bool:
+    """Whether ``spec`` reads every row of the file named ``file``."""
+    return (
+        file is not None
+        and Path(spec.path).name == file
+        and spec.label is None
+        and spec.offset == 0
+        and spec.limit is None
+        and not spec.exclude
+    )
+
+
+def prompt_sources(spec: PromptSet) -> list[str]:
+    """Where the prompts of ``spec`` come from: its ``sources``, else by :data:`KNOWN_SOURCES`
+    less the sources its ``exclude`` removes whole, else the file's stem (a Hub id: the id)."""
+    if spec.sources is not None:
+        return list(spec.sources)
+    if spec.path.startswith("builtin:"):
+        return [BUILTIN_SOURCE]
+    known = KNOWN_SOURCES.get(Path(spec.path).name)
+    if known is None:
+        return [Path(spec.path).stem if Path(spec.path).suffix else spec.path]
+    return [s for s, file in known.items() if not any(_whole(e, file) for e in spec.exclude)]
 
 
 @dataclass
@@ -144,18 +243,26 @@ def _format(spec: PromptSet) -> str:
     if suffix in _SUFFIXES:
         return _SUFFIXES[suffix]
     if Path(spec.path).exists():
-        raise ValueError(
+        raise UserError(
             f"cannot tell how to read {spec.path}: name it .csv, .json, .jsonl or .parquet, "
             "or set format"
         )
     return "hf"
 
 
+def _json(text: str, spec: PromptSet, line: int | None = None) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f" line {line}" if line is not None else ""
+        raise UserError(f"{spec.path}{where} is not valid JSON ({e}): fix the file") from None
+
+
 def _rows(spec: PromptSet) -> list[Any]:
     fmt = _format(spec)
     path = Path(spec.path).expanduser()
     if fmt != "hf" and not path.is_file():
-        raise FileNotFoundError(
+        raise UserError(
             f"prompt set {spec.path} does not exist: pass a .csv/.json/.jsonl/.parquet file, a Hub "
             "dataset id, or " + _builtin_names()
         )
@@ -163,16 +270,16 @@ def _rows(spec: PromptSet) -> list[Any]:
         with path.open(newline="", encoding="utf-8-sig") as f:
             return list(csv.DictReader(f))
     if fmt == "json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = _json(path.read_text(encoding="utf-8"), spec)
         if isinstance(data, dict):  # {"data": [...]} and similar wrappers
             lists = [v for v in data.values() if isinstance(v, list)]
             data = lists[0] if len(lists) == 1 else data
         if not isinstance(data, list):
-            raise ValueError(f"{spec.path}: expected a JSON list of prompts or of objects")
+            raise UserError(f"{spec.path}: expected a JSON list of prompts or of objects")
         return data
     if fmt == "jsonl":
         with path.open(encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            return [_json(line, spec, i) for i, line in enumerate(f, 1) if line.strip()]
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -182,7 +289,7 @@ def _rows(spec: PromptSet) -> list[Any]:
 
         return list(datasets.load_dataset(spec.path, spec.subset, split=spec.split))
     except Exception as e:  # noqa: BLE001 - any Hub failure gets the same hint
-        raise ValueError(
+        raise UserError(
             f"cannot load prompt set {spec.path!r} from the Hugging Face Hub "
             f"({str(e).splitlines()[0][:150] if str(e) else type(e).__name__}): pass a local file"
         ) from e
@@ -193,7 +300,7 @@ def _column(
 ) -> str | None:
     if wanted is not None:
         if wanted not in row:
-            raise ValueError(
+            raise UserError(
                 f"{spec.path}: no {what} column {wanted!r}; columns are {', '.join(map(str, row))}"
             )
         return wanted
@@ -218,7 +325,7 @@ def _record(row: Any, i: int, spec: PromptSet) -> PromptRecord:
     if isinstance(row, str):
         return PromptRecord(prompt=row, id=str(i))
     if not isinstance(row, dict):
-        raise ValueError(f"{spec.path}: row {i} is neither a string nor an object")
+        raise UserError(f"{spec.path}: row {i} is neither a string nor an object")
     turns_col = _column(row, spec.turns_column, TURNS_COLUMNS, "turns", spec)
     prompt_col = _column(row, spec.prompt_column, PROMPT_COLUMNS, "prompt", spec)
     cat_col = _column(row, spec.category_column, CATEGORY_COLUMNS, "category", spec)
@@ -226,7 +333,7 @@ def _record(row: Any, i: int, spec: PromptSet) -> PromptRecord:
     turns = _user_turns(row[turns_col]) if turns_col and spec.prompt_column is None else []
     if not turns:
         if prompt_col is None:
-            raise ValueError(
+            raise UserError(
                 f"{spec.path}: cannot find the prompt column among {', '.join(map(str, row))}; "
                 "set prompt_column"
             )
@@ -246,11 +353,12 @@ def _record(row: Any, i: int, spec: PromptSet) -> PromptRecord:
 
 
 def load_prompts(spec: PromptSet) -> list[PromptRecord]:
-    """The records of ``spec``, filtered by label, shuffled, offset and limited as it says."""
+    """The records of ``spec``, filtered by label, shuffled, less those in its ``exclude`` sets,
+    offset and limited as it says."""
     if spec.path.startswith("builtin:"):
         which = spec.path.removeprefix("builtin:")
         if which not in BUILTIN_SETS:
-            raise ValueError(f"unknown built-in set {spec.path!r}: use {_builtin_names()}")
+            raise UserError(f"unknown built-in set {spec.path!r}: use {_builtin_names()}")
         pairs, label = BUILTIN_SETS[which]
         records = [
             PromptRecord(p, category=c, label=label, id=f"{which}-{i}")
@@ -262,11 +370,16 @@ def load_prompts(spec: PromptSet) -> list[PromptRecord]:
         records = [r for r in records if r.label == spec.label]
     if spec.seed is not None:
         random.Random(spec.seed).shuffle(records)
+    excluded = 0
+    if spec.exclude:  # after the shuffle: excluding nothing leaves the same sample
+        gone = {normalise_prompt(r.turns) for e in spec.exclude for r in load_prompts(e)}
+        kept = [r for r in records if normalise_prompt(r.turns) not in gone]
+        records, excluded = kept, len(records) - len(kept)
     end = None if spec.limit is None else spec.offset + spec.limit
     records = records[spec.offset : end]
     if not records:
-        raise ValueError(
-            f"prompt set {spec.path} gave no prompts (label={spec.label!r}, offset={spec.offset}): "
-            "check the label filter and the file"
+        raise UserError(
+            f"prompt set {spec.path} gave no prompts (label={spec.label!r}, offset={spec.offset}, "
+            f"{excluded} excluded): check the label filter, exclude and the file"
         )
     return records

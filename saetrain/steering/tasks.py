@@ -34,6 +34,8 @@ from pathlib import Path
 
 import yaml
 
+from ..errors import UserError
+
 LOCAL_TASKS = {"mmlu": "mmlu", "gsm8k": "gsm8k", "truthfulqa_mc1": "truthfulqa"}
 LOCAL_TASKS["truthfulqa_mc2"] = "truthfulqa"
 """Task names that can run from local files, and the CapabilityData field each reads."""
@@ -94,7 +96,7 @@ def _read_csv(path: Path, columns: tuple[str, ...], what: str) -> list[dict]:
         reader = csv.DictReader(f)
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"{path} lacks the {what} columns {missing}: expected a header row with "
                 f"{', '.join(columns)}"
             )
@@ -104,7 +106,7 @@ def _read_csv(path: Path, columns: tuple[str, ...], what: str) -> list[dict]:
 def _existing(path: str, what: str) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(
+        raise UserError(
             f"the {what} data {path} does not exist: fix data.{what}, or set it to null to use "
             "the Hub"
         )
@@ -123,7 +125,7 @@ def _answer(row: dict, path: Path) -> int:
     if text.isdigit():
         answer = int(text)
     if not 0 <= answer <= 3:
-        raise ValueError(f"{path}: answer must be a choice index 0-3 (or A-D), got {text!r}")
+        raise UserError(f"{path}: answer must be a choice index 0-3 (or A-D), got {text!r}")
     return answer
 
 
@@ -132,7 +134,7 @@ def mmlu_rows(folder: str, shots: int) -> list[dict]:
     root = _existing(folder, "mmlu")
     tests = sorted((root / "test").glob("*.csv"))
     if not tests:
-        raise FileNotFoundError(
+        raise UserError(
             f"no MMLU test files in {root}/test: expected <subject>_test.csv files with "
             f"columns {', '.join(MMLU_COLUMNS)}"
         )
@@ -141,9 +143,7 @@ def mmlu_rows(folder: str, shots: int) -> list[dict]:
         subject = path.stem.removesuffix("_test")
         dev = root / "dev" / f"{subject}_dev.csv"
         if shots and not dev.exists():
-            raise FileNotFoundError(
-                f"{dev} is missing: MMLU few-shot needs it, or set mmlu_shots: 0"
-            )
+            raise UserError(f"{dev} is missing: MMLU few-shot needs it, or set mmlu_shots: 0")
         shot_rows = _read_csv(dev, MMLU_COLUMNS, "mmlu")[:shots] if shots else []
         about = subject.replace("_", " ")
         prefix = f"The following are multiple choice questions (with answers) about {about}.\n\n"
@@ -172,9 +172,9 @@ def gsm8k_rows(path: str) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{p} line {i} is not JSON ({e.msg})") from None
+                raise UserError(f"{p} line {i} is not JSON ({e.msg})") from None
             if not isinstance(row, dict) or "#### " not in str(row.get("answer", "")):
-                raise ValueError(
+                raise UserError(
                     f"{p} line {i}: expected {{question, answer}} with the answer ending in "
                     "'#### N' (the GSM8K format)"
                 )
@@ -263,7 +263,7 @@ def write_gsm8k(
 ) -> str:
     rows = gsm8k_rows(path)
     if len(rows) <= shots:
-        raise ValueError(f"{path} has {len(rows)} problems: it needs more than gsm8k_shots={shots}")
+        raise UserError(f"{path} has {len(rows)} problems: it needs more than gsm8k_shots={shots}")
     shot_rows, rows = (rows[-shots:], rows[:-shots]) if shots else ([], rows)
     test = _write_jsonl(task_dir / "data" / "gsm8k_test.jsonl", _sample(rows, limit, seed))
     files = {"test": test}
@@ -353,7 +353,7 @@ def resolve_tasks(
     ``limit`` caps the questions of every task, or of the tasks a dict names (others: all).
     """
     if not names:
-        raise ValueError("tasks is empty: name at least one, e.g. [mmlu, gsm8k, truthfulqa_mc1]")
+        raise UserError("tasks is empty: name at least one, e.g. [mmlu, gsm8k, truthfulqa_mc1]")
     task_dir = Path(task_dir)
     task_dir.mkdir(parents=True, exist_ok=True)
     for old in task_dir.glob("*.yaml"):
