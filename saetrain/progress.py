@@ -24,6 +24,8 @@ from collections.abc import Callable
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from .errors import UserError
+
 
 def stage(message: str) -> None:
     """One line about a stage of the run, on stderr (the caller checks it is rank 0)."""
@@ -112,7 +114,7 @@ class PlainProgress(Callback):
         out: Callable[[str], None] | None = None,
     ):
         if every < 0:
-            raise ValueError(f"progress_every must be >= 0 seconds (or null), got {every}")
+            raise UserError(f"progress_every must be >= 0 seconds (or null), got {every}")
         self.every = every
         self.clock = clock
         self.out = out or (lambda line: print(line, flush=True))
