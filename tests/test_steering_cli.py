@@ -40,6 +40,31 @@ def test_features_writes_the_ranking_and_its_config(sae_dir, tmp_path):
     assert (out / "features.txt").is_file() and (out / "config.yaml").is_file()
 
 
+def test_features_effect_clamps_in_corpus_units_that_do_not_move_with_the_prompts(
+    sae_dir, tmp_path
+):
+    from saetrain.steering.feature_stats import FILE, load
+
+    clamps = []
+    for limit in (4, 6):  # two ranking sets: the clamp value of a latent must not change
+        out = tmp_path / f"features{limit}"
+        args = ["features", "--sae", str(sae_dir), "--harmful.limit", str(limit)]
+        args += ["--harmless.limit", str(limit), "--methods", "[contrast, effect]"]
+        args += ["--effect_candidates", "2", "--effect_prompts", "2", "--effect_strength", "1.5"]
+        args += ["--stats_documents", "8", "--top_n", "5", "--out_dir", str(out), *FAST]
+        assert main(args) == 0
+        effect = json.loads((out / "features.json").read_text())["methods"]["effect"]
+        assert effect["unit"] == "corpus_p999"
+        clamps.append({r["feature"]: r["clamp_value"] for r in effect["rows"]})
+    stats = load(sae_dir / FILE)
+    assert stats.meta["sample"]["documents"] == 8
+    for feature, value in clamps[0].items():
+        unit = stats.unit(feature, "corpus_p999")
+        assert unit > 0 and value == pytest.approx(1.5 * unit)
+        if feature in clamps[1]:
+            assert clamps[1][feature] == value
+
+
 def test_eval_refusal_sweeps_strengths_with_a_gate_and_writes_every_file(sae_dir, tmp_path, capsys):
     out = tmp_path / "eval"
     gate = {

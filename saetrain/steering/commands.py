@@ -121,7 +121,15 @@ class FeaturesConfig(Target):
     effect_candidates: int = 5
     """Candidates (best of the other rankings) steered by the effect method."""
     effect_strength: float = 2.0
-    """Clamp at this multiple of each candidate's largest activation."""
+    """Clamp at this multiple of each candidate's effect_unit."""
+    effect_unit: Literal["corpus_p999", "corpus_max", "max_activation"] = "corpus_p999"
+    """Unit of effect_strength per candidate: its 99.9th percentile or largest value on the
+    SAE's corpus sample (as eval-refusal and steer), or its largest activation on these
+    ranking prompts (moves with the prompts)."""
+    stats_documents: int = 200
+    """Documents of the SAE's corpus sample behind the corpus units (see SteeringSpec)."""
+    stats_source: str | None = None
+    """Corpus of that sample; null: the SAE's own training data (see SteeringSpec)."""
     effect_prompts: int = 8
     """Harmful and harmless validation prompts per candidate."""
     judge: str = "keyword"
@@ -130,6 +138,11 @@ class FeaturesConfig(Target):
     """Prompt format of a model judge; auto goes by its name."""
     out_dir: str = "steering/features"
     """Where features.json, features.txt and config.yaml go."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.stats_documents < 1:
+            raise UserError(f"stats_documents must be >= 1, got {self.stats_documents}")
 
 
 @dataclass
@@ -297,6 +310,10 @@ def run_features(argv: list[str]) -> None:
     cfg, yaml = parse_config(FeaturesConfig, argv, "saetrain features")
     harmful, harmless = load_prompts(cfg.harmful), load_prompts(cfg.harmless)
     sae, model, tokenizer = _load(cfg)
+    effect_unit = None
+    if "effect" in cfg.methods and cfg.effect_unit != "max_activation":
+        stats = corpus_stats(cfg, sae, model, tokenizer)
+        effect_unit = (cfg.effect_unit, lambda f: stats.unit(f, cfg.effect_unit))
     table = find_features(
         model,
         tokenizer,
@@ -315,6 +332,7 @@ def run_features(argv: list[str]) -> None:
         effect_candidates=cfg.effect_candidates,
         effect_strength=cfg.effect_strength,
         effect_prompts=cfg.effect_prompts,
+        effect_unit=effect_unit,
     )
     table.update(sae=cfg.sae, model=cfg.model or sae.cfg.extra.get("model"))
     # The sets the ranking was fitted on, as their specs: eval-refusal reloads them and refuses

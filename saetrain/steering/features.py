@@ -16,14 +16,16 @@
 
 Statistics skip the first position, special and chat-template tokens, and massive-activation
 tokens (latent values there are 100x the usual and picked useless features; issue #5). Each
-row keeps the latent's largest activation on the positive side (``max_pos``), the natural
-unit of clamp strength, and the token contexts where it fires most.
+row keeps the latent's largest activation on the positive side (``max_pos``) and the token
+contexts where it fires most. ``effect`` clamps at ``effect_strength`` times a unit per latent:
+``max_pos`` by default, or (``effect_unit``, as ``saetrain features`` does) the latent's 99.9th
+percentile on the SAE's corpus sample, which does not move with the ranking prompts.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,21 +238,27 @@ def effect_ranking(
     max_new_tokens=32,
     batch_size=8,
     layer=None,
+    unit: Callable[[int], float] | None = None,
 ) -> list[dict]:
-    """Clamp each candidate at ``strength * max_pos`` and rank by the rise in refusal."""
+    """Clamp each candidate at ``strength * unit(feature)`` (``unit``: by default the largest
+    activation the ranking saw, ``max_pos``) and rank by the rise in refusal."""
     kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
     base_h, _ = refusal_rate(model, tokenizer, harmful, judge, **kw)
     base_s, _ = refusal_rate(model, tokenizer, harmless, judge, **kw)
     rows = []
     for cand in candidates:
-        iv = [Intervention([cand["feature"]], "clamp", strength * cand["max_pos"])]
+        u = unit(cand["feature"]) if unit else 0.0
+        u = u if u > 0 else cand["max_pos"]  # a latent silent on the corpus sample: its max
+        value = strength * u
+        iv = [Intervention([cand["feature"]], "clamp", value)]
         steer_kw = dict(kw, sae=sae, interventions=iv, layer=layer)
         rate_h, texts = refusal_rate(model, tokenizer, harmful, judge, **steer_kw)
         rate_s, _ = refusal_rate(model, tokenizer, harmless, judge, **steer_kw)
         rows.append(
             {
                 **cand,
-                "clamp_value": strength * cand["max_pos"],
+                "unit_value": u,
+                "clamp_value": value,
                 "refusal_harmful": rate_h,
                 "refusal_harmless": rate_s,
                 "rise_harmful": rate_h - base_h,
@@ -281,6 +289,7 @@ def find_features(
     effect_candidates: int = 5,
     effect_strength: float = 2.0,
     effect_prompts: int = 8,
+    effect_unit: tuple[str, Callable[[int], float]] | None = None,
 ) -> dict:
     """Rank latents by each of ``methods`` (see the module docstring); a JSON-ready dict."""
     unknown = set(methods) - {"response", "contrast", "effect"}
@@ -333,9 +342,11 @@ def find_features(
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             layer=layer,
+            unit=effect_unit[1] if effect_unit else None,
         )
         table["methods"]["effect"] = {
             "strength": effect_strength,
+            "unit": effect_unit[0] if effect_unit else "max_activation",
             "prompts": len(val_h),
             "rows": rows,
         }
