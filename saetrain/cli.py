@@ -6,8 +6,9 @@
 refused. Dotted overrides
 (``--model.k 64``) and ``--print_config`` come from LightningCLI. Each run lives in
 ``<out_dir>/<run_name>/``: the resolved ``config.yaml``, TensorBoard events, Lightning
-checkpoints under ``lightning/`` (resume with ``--ckpt_path``), and at the end the exported SAE
-(``cfg.json`` + ``sae.safetensors``, read back with :func:`saetrain.load_sae`).
+checkpoints under ``lightning/`` (resume with ``--ckpt_path`` or ``--resume auto``), and at the end
+the exported SAE (``cfg.json`` + ``sae.safetensors``, read back with :func:`saetrain.load_sae`).
+How a run folder is kept, replaced and resumed: :mod:`saetrain.runs`.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -35,6 +38,16 @@ from .data.datamodule import ActivationDataModule
 from .errors import UserError
 from .module import SAEModule
 from .progress import PlainProgress, stdout_is_terminal
+from .runs import (
+    AtomicCheckpointIO,
+    RunFinished,
+    RunFolder,
+    holds_run,
+    new_run_id,
+    plan_resume,
+    resumed_run_id,
+    say,
+)
 
 log = logging.getLogger("saetrain")
 
@@ -187,7 +200,15 @@ class SAETrainCLI(LightningCLI):
             "--overwrite",
             type=bool,
             default=False,
-            help="Allow a new run to replace a finished run of the same name.",
+            help="Allow a new run to replace a run of the same name (deleted once the new run "
+            "has taken its first step).",
+        )
+        parser.add_argument(
+            "--resume",
+            type=Literal["never", "auto"],
+            default="never",
+            help="auto: continue the run folder's own last checkpoint if it has one (a finished "
+            "run is left as it is, exit 0), else start the run.",
         )
         parser.add_argument(
             "--checkpoint_every",
@@ -206,18 +227,30 @@ class SAETrainCLI(LightningCLI):
         parser.link_arguments("data.hookpoints", "model.hookpoints", apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
-        """Check ``--ckpt_path`` before Lightning reads it, and refuse a changed SAE shape.
+        """Check ``--ckpt_path`` (or find it for ``--resume auto``) before Lightning reads it.
 
         On resume Lightning replaces the model settings with the checkpoint's, which would
         silently drop a changed ``--model.k``; a changed shape is refused instead, and other
-        changed model settings are named in a warning."""
+        changed model settings are named in a warning. A checkpoint resumes only into its own
+        run folder (:func:`saetrain.runs.check_resume`)."""
         if not self.config.get("subcommand"):
             return super()._parse_ckpt_path()
         sub = self.config[self.config.subcommand]
+        fit, run_dir = self.config.subcommand == "fit", Path(sub.out_dir) / sub.run_name
+        self._run_id = new_run_id()
+        if fit:
+            max_steps = sub.get("trainer", {}).get("max_steps")
+            sub.ckpt_path = plan_resume(
+                run_dir, sub.resume, sub.ckpt_path, sub.overwrite, max_steps
+            )
         if sub.get("ckpt_path") and sub.ckpt_path not in ("last", "best", "hpc"):
             check_checkpoint(sub.ckpt_path)
-            saved = torch.load(sub.ckpt_path, weights_only=True, map_location="cpu")
-            saved = saved.get("hyper_parameters", {})
+            checkpoint = torch.load(sub.ckpt_path, weights_only=True, map_location="cpu")
+            if fit:
+                self._run_id = resumed_run_id(
+                    Path(sub.ckpt_path), checkpoint, run_dir, sub.overwrite, self._run_id
+                )
+            saved = checkpoint.get("hyper_parameters", {})
             asked = sub.model
             for name in ("num_latents", "expansion_factor", "k", "sae_variants"):
                 if name in saved and asked.get(name) != saved[name]:
@@ -226,7 +259,12 @@ class SAETrainCLI(LightningCLI):
                         f"{name}={asked.get(name)}: resume with the same model settings, or start "
                         "a new run"
                     )
-            changed = [n for n in saved if n in asked and n != "d_in" and asked[n] != saved[n]]
+            # YAML gives lists where the command line gives tuples (betas): compare as lists.
+            changed = [
+                n
+                for n in saved
+                if n in asked and n != "d_in" and _plain(asked[n]) != _plain(saved[n])
+            ]
             if changed:
                 log.warning("resuming with the checkpoint's model settings; ignoring %s", changed)
         super()._parse_ckpt_path()
@@ -248,14 +286,18 @@ class SAETrainCLI(LightningCLI):
                 "decoder-norm step cannot use: pass --trainer.strategy fsdp2 to shard the SAEs"
             )
         run_dir = self.run_dir()
-        finished = (run_dir / "sae.safetensors").exists() or any(
-            (run_dir / "lightning").glob("*.ckpt")
-        )
+        finished = holds_run(run_dir)
         if self.subcommand == "fit" and finished and not cfg.ckpt_path and not cfg.overwrite:
             raise UserError(
                 f"{run_dir} already holds a run: pick another --run_name, resume it with "
-                f"--ckpt_path {run_dir / 'lightning' / 'last.ckpt'}, or pass --overwrite true"
+                "--resume auto, or pass --overwrite true to replace it"
             )
+        if self.subcommand == "fit" and cfg.checkpoint_every < 1:
+            raise UserError(f"--checkpoint_every must be >= 1, got {cfg.checkpoint_every}")
+        self._folder = None
+        if self.subcommand == "fit":
+            main = rank_zero_only.rank == 0
+            self._folder = RunFolder(run_dir, self._run_id, bool(cfg.overwrite), main)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         cfg = self._sub()
@@ -271,9 +313,13 @@ class SAETrainCLI(LightningCLI):
                     every_n_train_steps=cfg.checkpoint_every,
                     save_top_k=1,
                     save_last=True,
+                    # last.ckpt is always the run's latest (never a stale one beside last-v1.ckpt),
+                    # also when a run folder was moved and resumed (issue #21).
+                    enable_version_counter=False,
                 )
             )
             callbacks.append(ExportSAE(run_dir))
+            callbacks.append(self._folder)
             callbacks.append(SaveOnSigterm(run_dir / "lightning" / "last.ckpt"))
             callbacks.append(LogDataStats())
         # A log file gets plain lines (saetrain/progress.py), not a bar's carriage returns.
@@ -288,7 +334,33 @@ class SAETrainCLI(LightningCLI):
             kwargs["logger"] = TensorBoardLogger(
                 save_dir=cfg.out_dir, name=cfg.run_name, version="", default_hp_metric=False
             )
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        # Every checkpoint (periodic, last, SIGTERM; on any strategy) through one atomic save.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """``fit`` between :meth:`RunFolder.begin` and its end or :meth:`RunFolder.abandon`."""
+        folder = self._folder if subcommand == "fit" else None
+        if folder is None:
+            return super()._run_subcommand(subcommand)
+        folder.begin()
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            folder.abandon()
+            raise
+        folder.started()
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples as lists, for comparing settings read from YAML and the CLI."""
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def run_lightning(args: list[str]) -> None:
@@ -305,6 +377,8 @@ def run_lightning(args: list[str]) -> None:
             parser_kwargs={"exit_on_error": False},
             trainer_defaults={"enable_model_summary": False},
         )
+    except RunFinished as done:  # --resume auto on a finished run: nothing to do, exit 0
+        say(str(done))
     finally:
         sys.argv = argv
 

@@ -111,6 +111,47 @@ VARIANT_FIELDS = (
 )
 
 
+# The possible values of each numeric setting: a test and the words an error gives; None is
+# always allowed (a derived default). `--model.lr -0.01` once trained to exit 0 (issue #21).
+SETTING_RANGES = {
+    "num_latents": (lambda v: v >= 1, "an integer >= 1 (or null: expansion_factor * d_in)"),
+    "expansion_factor": (lambda v: v >= 1, "an integer >= 1"),
+    "k": (lambda v: v >= 1, ">= 1"),
+    "k_aux": (lambda v: v >= 0, "an integer >= 0 (or null: d_in // 2)"),
+    "auxk_coef": (lambda v: v >= 0, ">= 0"),
+    "dead_tokens_threshold": (lambda v: v >= 1, "an integer >= 1"),
+    "lr": (lambda v: v > 0, "> 0 (or null: the default for num_latents)"),
+    "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "eps": (lambda v: v >= 0, ">= 0"),
+    "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "decay_start": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+}
+INTEGER_SETTINGS = {
+    "num_latents",
+    "expansion_factor",
+    "k",
+    "k_aux",
+    "dead_tokens_threshold",
+    "warmup_steps",
+}
+
+
+def check_settings(values: dict, where: str = "model") -> None:
+    """Refuse an impossible value of a setting in ``values`` in one line naming the field (at
+    config time, before the LM loads); settings without a range are not looked at."""
+    for name, value in values.items():
+        if name not in SETTING_RANGES or value is None:
+            continue
+        test, words = SETTING_RANGES[name]
+        numbers = list(value) if isinstance(value, list | tuple) else [value]
+        kind = int if name in INTEGER_SETTINGS else int | float
+        numeric = all(
+            isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v) for v in numbers
+        )
+        if not (numeric and test(value)):
+            raise UserError(f"{where}.{name} must be {words}, got {value}")
+
+
 class TrainedSAE(nn.Module):
     """One SAE with what training keeps beside it: dead-latent counter and metrics."""
 
@@ -187,12 +228,7 @@ class SAEModule(L.LightningModule):
         sae_variants: list[dict] | None = None,
     ):
         super().__init__()
-        if expansion_factor < 1:
-            raise UserError(f"model.expansion_factor must be >= 1, got {expansion_factor}")
-        if not 0 <= decay_start <= 1:
-            raise UserError(f"model.decay_start must be in [0, 1], got {decay_start}")
-        if warmup_steps < 0:
-            raise UserError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+        check_settings({k: v for k, v in locals().items() if k in SETTING_RANGES})  # the args
         for i, variant in enumerate(sae_variants or []):
             unknown = sorted(set(variant) - set(VARIANT_FIELDS))
             if unknown:
@@ -200,6 +236,7 @@ class SAEModule(L.LightningModule):
                     f"model.sae_variants[{i}] sets {', '.join(unknown)}, which a variant cannot "
                     f"set: choose from {', '.join(VARIANT_FIELDS)}"
                 )
+            check_settings(variant, f"model.sae_variants[{i}]")
         if sae_variants is not None and not sae_variants:
             raise UserError("model.sae_variants is empty: list at least one, or leave it unset")
         self.save_hyperparameters()

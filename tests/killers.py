@@ -7,14 +7,14 @@ import os
 import signal
 import time
 
-from fsspec.implementations.local import LocalFileOpener
 from lightning.pytorch.callbacks import Callback
 
 
 class KillMidWrite(Callback):
     """SIGKILLs the process halfway through writing checkpoint file number ``at`` (counting
     every file saved: each periodic save writes ``stepN.ckpt`` and then ``last.ckpt``, so the
-    default 4 is ``last.ckpt`` of the second save, overwriting the first one's)."""
+    default 4 is ``last.ckpt`` of the second save, overwriting the first one's). The bytes go
+    to the save's temporary file (``saetrain.runs.write_atomically``)."""
 
     def __init__(self, at: int = 4):
         self.at = at
@@ -24,14 +24,15 @@ class KillMidWrite(Callback):
         self.saves += 1
         if self.saves != self.at:
             return
-        write = LocalFileOpener.write
+        from saetrain import runs
 
-        def half_then_die(opener, data):
-            write(opener, data[: len(data) // 2])
-            opener.flush()
+        write = runs._write_synced
+
+        def half_then_die(path, data):
+            write(path, data[: len(data) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
 
-        LocalFileOpener.write = half_then_die
+        runs._write_synced = half_then_die
 
 
 class Slow(Callback):

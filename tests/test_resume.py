@@ -225,8 +225,10 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(
     assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-3000:]
     last = torch.load(run / "lightning" / "last.ckpt", weights_only=False)
     assert last["global_step"] == 10  # the checkpoint before the interrupted write
+    assert (run / "lightning" / ".last.ckpt.partial").exists()  # the write the kill cut short
     resumed = resume(tiny_model_dir, chat_jsonl, tmp_path, "midwrite")
     assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+    assert not list((run / "lightning").glob(".*")), "a temporary file was left behind"
     want, got = final_weights(uninterrupted), final_weights(run)
     assert all(torch.equal(got[name], want[name]) for name in want)
 
