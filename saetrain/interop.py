@@ -25,19 +25,27 @@ import argparse
 import json
 import pickle
 import re
-import shutil
 import sys
-import uuid
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 from torch import Tensor
 
 from .errors import UserError
-from .sae import SAE, SAE_CONFIG, SAE_WEIGHTS, SAEConfig
+from .files import check_out_dir, read_json, staged_dir
+from .sae import (
+    SAE,
+    SAE_CONFIG,
+    SAE_WEIGHTS,
+    SAEConfig,
+    check_shapes,
+    config_from,
+    open_safetensors,
+    read_sae_config,
+)
 
 Format = Literal["saetrain", "saelens", "sparsify"]
 FORMATS: tuple[Format, ...] = ("saetrain", "saelens", "sparsify")
@@ -140,37 +148,20 @@ def export_sae(
 
     Everything is written into a temporary sibling folder that is renamed to ``out`` at the
     end, so a failure leaves ``out`` as it was. A non-empty ``out`` is replaced only with
-    ``overwrite``. ``hookpoint`` overrides ``sae.cfg.extra["hookpoint"]``.
+    ``overwrite`` (:func:`saetrain.files.staged_dir`). ``hookpoint`` overrides
+    ``sae.cfg.extra["hookpoint"]``.
     """
     if format not in FORMATS:
         raise UserError(f"unknown format {format!r}: choose one of {', '.join(FORMATS)}")
     out = Path(out)
-    if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
-        raise UserError(
-            f"{out} already exists and is not empty: choose another --out or pass --overwrite"
-        )
-    hookpoint = _hookpoint(sae, hookpoint)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp, old = out.with_name(f".{out.name}.tmp-{tag}"), out.with_name(f".{out.name}.old-{tag}")
-    tmp.mkdir()
-    try:
+    with staged_dir(out, overwrite, option="--out", flag="--overwrite") as tmp:
+        hookpoint = _hookpoint(sae, hookpoint)
         if format == "saetrain":
             sae.save(tmp, metadata={"hookpoint": hookpoint} if hookpoint else None)
         elif format == "saelens":
             _write_saelens(sae, tmp, hookpoint)
         else:
             _write_sparsify(sae, tmp, hookpoint)
-        if out.exists():
-            out.rename(old)  # the old contents go only once the new ones are complete
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old.is_dir():
-        shutil.rmtree(old)
-    elif old.exists():
-        old.unlink()
     return out
 
 
@@ -181,34 +172,22 @@ def _assemble(
     source: Path, cfg: SAEConfig, tensors: dict[str, Tensor], input_scale: float, device: Any
 ) -> SAE:
     """An SAE from (num_latents, d_in)-layout tensors, checked against ``cfg``."""
-    n, d = cfg.num_latents, cfg.d_in
-    expected = {"W_enc": (n, d), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
-    for name, shape in expected.items():
-        got = tuple(tensors[name].shape) if name in tensors else "missing"
-        if got != shape:
-            raise UserError(
-                f"{source}: tensor {name} has shape {got}, expected {shape} from its "
-                f"{SAE_CONFIG}; the files do not belong together"
-            )
-    dtype = tensors["W_dec"].dtype
-    sae = SAE(cfg, device="meta")  # no random init: every tensor is assigned below
-    state = {k: tensors[k].to(device, dtype).contiguous() for k in expected}
-    state["input_scale"] = torch.tensor(float(input_scale), device=device)
-    state["initialized"] = torch.ones((), dtype=torch.bool, device=device)
-    sae.load_state_dict(state, assign=True)
-    return sae.eval()
+    check_shapes(source, cfg, {k: tuple(v.shape) for k, v in tensors.items()})
+    return SAE.from_tensors(cfg, tensors, input_scale=input_scale, device=device)
 
 
-def _config(saved: dict | None, extra: dict, **shape: Any) -> SAEConfig:
-    """Our config: the one we stored in the peer's file if any, with the peer's shape fields."""
-    base = {**(saved or {}), **shape}
-    base["extra"] = {**(saved or {}).get("extra", {}), **extra}
+def _config(source: Path, saved: dict | None, extra: dict, **shape: Any) -> SAEConfig:
+    """Our config: the one we stored in the peer's file if any, with the peer's shape fields
+    (errors name ``source``, the file they came from)."""
+    saved = saved if isinstance(saved, dict) else {}
+    base = {**saved, **shape}
+    base["extra"] = {**(saved.get("extra") or {}), **extra}
     base.setdefault("normalize_activations", False)
-    return SAEConfig.from_dict(base)
+    return config_from(source, base)
 
 
 def _read_saelens(path: Path, device: Any) -> SAE:
-    cfg = json.loads((path / SAE_CONFIG).read_text())
+    cfg = read_sae_config(path / SAE_CONFIG)
     meta = dict(cfg.get("metadata") or {})
     version = str(cfg.get("sae_lens_version") or meta.get("sae_lens_version") or "0")
     if int(re.match(r"\d*", version).group(0) or 0) < 6:
@@ -229,7 +208,8 @@ def _read_saelens(path: Path, device: Any) -> SAE:
             f"{path}: SAELens reshape_activations={cfg['reshape_activations']!r} "
             "(attention hook_z SAEs) is not supported"
         )
-    w = load_file(str(path / SAELENS_WEIGHTS))
+    with open_safetensors(path / SAELENS_WEIGHTS) as f:
+        w = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
     if "scaling_factor" in w and not torch.all(w.pop("scaling_factor") == 1):
         raise UserError(f"{path}: a SAELens finetuning scaling_factor is not supported")
     missing = {"W_enc", "b_enc", "W_dec", "b_dec"} - set(w)
@@ -252,10 +232,11 @@ def _read_saelens(path: Path, device: Any) -> SAE:
     if layer is not None:
         extra.update(hookpoint=f"layers.{layer}", layer=layer)
     extra = {k: v for k, v in extra.items() if v is not None}
-    shape = {"d_in": cfg["d_in"], "num_latents": cfg["d_sae"], "k": cfg.get("k", 100)}
+    shape = {"d_in": cfg.get("d_in"), "num_latents": cfg.get("d_sae"), "k": cfg.get("k", 100)}
     if input_scale != 1.0:
         shape["normalize_activations"] = True
-    sae_cfg = _config(meta.get("saetrain"), {**extra, "source_format": "saelens"}, **shape)
+    extra["source_format"] = "saelens"
+    sae_cfg = _config(path / SAE_CONFIG, meta.get("saetrain"), extra, **shape)
     return _assemble(path, sae_cfg, {k: v.to(dtype) for k, v in w.items()}, input_scale, device)
 
 
@@ -269,7 +250,8 @@ def _saelens_input_scale(path: Path, mode: str | bool | None) -> float:
         return 1.0
     scaler = path / "activation_scaler.json"
     if mode == "expected_average_only_in" and scaler.is_file():
-        return float(json.loads(scaler.read_text()).get("scaling_factor") or 1.0)
+        saved = read_json(scaler, "the SAELens scale", "restore it, or load the final export")
+        return float(saved.get("scaling_factor") or 1.0) if isinstance(saved, dict) else 1.0
     raise UserError(
         f"{path}: SAELens normalize_activations={mode!r} without a scale saetrain can fold in "
         "(activation_scaler.json): load its final inference export, where the scale is folded"
@@ -277,27 +259,28 @@ def _saelens_input_scale(path: Path, mode: str | bool | None) -> float:
 
 
 def _read_sparsify(path: Path, device: Any) -> SAE:
-    cfg = json.loads((path / SAE_CONFIG).read_text())
+    cfg = read_sae_config(path / SAE_CONFIG)
     for field, ok in (("activation", "topk"), ("transcode", False), ("skip_connection", False)):
         if cfg.get(field, ok) != ok:
             raise UserError(
                 f"{path}: sparsify {field}={cfg[field]!r} is not supported; saetrain loads "
                 "Top-k sparse autoencoders without skip connections"
             )
-    with safe_open(str(path / SAE_WEIGHTS), framework="pt") as f:
+    with open_safetensors(path / SAE_WEIGHTS) as f:
         w = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-        saved = json.loads((f.metadata() or {}).get("saetrain", "null"))
+        saved = _header_json(path / SAE_WEIGHTS, f, "saetrain")
     tensors = {"W_enc": w.get("encoder.weight"), "b_enc": w.get("encoder.bias")}
     tensors.update(W_dec=w.get("W_dec"), b_dec=w.get("b_dec"))
-    d_in = cfg["d_in"]
-    n = cfg.get("num_latents") or d_in * cfg.get("expansion_factor", 32)
+    d_in, factor = cfg.get("d_in"), cfg.get("expansion_factor", 32)
+    n = cfg.get("num_latents") or (d_in * factor if isinstance(d_in, int) else None)
     run_cfg = path.parent / "config.json"  # written beside the hookpoint folders by its trainer
-    run = json.loads(run_cfg.read_text()) if run_cfg.is_file() else {}
+    run = read_json(run_cfg, "the sparsify run config", "restore it") if run_cfg.is_file() else {}
+    run = run if isinstance(run, dict) else {}
     layer = layer_of(path.name)
     extra = {"model": run.get("model"), "hookpoint": path.name, "source_format": "sparsify"}
     if layer is not None:
         extra["layer"] = layer
-    sae_cfg = _config(saved, extra, d_in=d_in, num_latents=n, k=cfg.get("k", 32))
+    sae_cfg = _config(path / SAE_CONFIG, saved, extra, d_in=d_in, num_latents=n, k=cfg.get("k", 32))
     present = {k: v for k, v in tensors.items() if v is not None}
     return _assemble(path, sae_cfg, present, 1.0, device)
 
@@ -336,19 +319,43 @@ def _read_lightning(path: Path, device: Any) -> SAE:
 
 
 def safe_torch_load(path: str | Path) -> Any:
-    """``torch.load`` that unpickles only tensors and plain containers, never code."""
+    """``torch.load`` that unpickles only tensors and plain containers, never code; a one-line
+    error naming the file when it is not a whole PyTorch checkpoint."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL [\w.]+", str(e))
         if not found:
-            why = " ".join(str(e).split())[:160]
-            raise UserError(f"{path} is not a readable PyTorch checkpoint ({why})") from None
+            raise UserError(f"{path} is not a readable PyTorch checkpoint ({_why(e)})") from None
         raise UserError(
             f"{path} holds pickled Python objects, not only weights ({found.group(0)}); "
             "refusing to unpickle it because that can run arbitrary code: export it as "
             "safetensors from a setup you trust"
         ) from None
+    except (RuntimeError, EOFError, OSError, SafetensorError) as e:  # a cut or corrupt zip, ...
+        raise UserError(
+            f"{path} is not a readable PyTorch checkpoint ({_why(e)}): it is truncated or "
+            "corrupt; use another checkpoint of the run"
+        ) from None
+
+
+def _why(e: BaseException) -> str:
+    """The gist of a loader's error, on one line (torch's weights-only notes left out)."""
+    text = str(e)
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    text = found.group(1) if found else text.split(". This is an internal")[0]
+    return " ".join(text.split())[:160] or type(e).__name__
+
+
+def _header_json(path: Path, f: Any, key: str) -> Any:
+    """The JSON stored under ``key`` in a safetensors file's metadata, or None."""
+    text = (f.metadata() or {}).get(key)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: its {key} metadata is not valid JSON ({e})") from None
 
 
 def detect_format(path: Path) -> Format:
@@ -356,9 +363,9 @@ def detect_format(path: Path) -> Format:
     if (path / SAELENS_WEIGHTS).is_file() and (path / SAE_CONFIG).is_file():
         return "saelens"
     if (path / SAE_CONFIG).is_file() and (path / SAE_WEIGHTS).is_file():
-        if json.loads((path / SAE_CONFIG).read_text()).get("format") == "saetrain":
+        if read_sae_config(path / SAE_CONFIG).get("format") == "saetrain":
             return "saetrain"
-        with safe_open(str(path / SAE_WEIGHTS), framework="pt") as f:
+        with open_safetensors(path / SAE_WEIGHTS) as f:
             names = set(f.keys())
         if "encoder.weight" in names:
             return "sparsify"
@@ -439,6 +446,8 @@ def export_main(argv: list[str]) -> None:
     parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --out.")
     parser.add_argument("--hookpoint", help="e.g. layers.15, when the SAE does not record one.")
     args = parser.parse_args(argv)
+    # Before reading the SAE; and --out must not hold it (replacing --out would delete it).
+    check_out_dir(args.out, args.overwrite, inputs=[args.ckpt], option="--out", flag="--overwrite")
     sae = load(args.ckpt)
     out = export_sae(sae, args.out, args.format, overwrite=args.overwrite, hookpoint=args.hookpoint)
     print(f"saetrain: exported the SAE as {args.format} to {out}", file=sys.stderr)

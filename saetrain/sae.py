@@ -23,16 +23,18 @@ assembles the whole SAE for export.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import kernels
 from .errors import UserError
+from .files import open_safetensors, read_json
 
 try:
     from torch.distributed.fsdp import FSDPModule
@@ -83,6 +85,19 @@ class SAEConfig:
     """Free-form metadata carried into ``cfg.json`` (model, hookpoint, tokens seen, data)."""
 
     def __post_init__(self) -> None:
+        # Types first: a cfg.json may hold anything (issue #21: "1e12", 1.5, "64").
+        for name in ("d_in", "num_latents", "k", "dead_tokens_threshold", "k_aux"):
+            value = getattr(self, name)
+            if not _is_int(value) and not (name == "k_aux" and value is None):
+                raise UserError(f"{name} must be a whole number, got {value!r}")
+        if not _is_number(self.auxk_coef) or not math.isfinite(self.auxk_coef):
+            raise UserError(f"auxk_coef must be a finite number, got {self.auxk_coef!r}")
+        if not isinstance(self.normalize_activations, bool):
+            raise UserError(
+                f"normalize_activations must be true or false, got {self.normalize_activations!r}"
+            )
+        if not isinstance(self.extra, dict):
+            raise UserError(f"extra must be a mapping, got {self.extra!r}")
         for name in ("d_in", "num_latents", "k", "dead_tokens_threshold"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -110,6 +125,51 @@ class SAEConfig:
     def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def expected_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of each weight of an SAE of config ``cfg`` (the (num_latents, d_in) layout)."""
+    n, d = cfg.num_latents, cfg.d_in
+    return {"W_enc": (n, d), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
+
+
+def check_shapes(source: str | Path, cfg: SAEConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+    """A one-line error unless ``shapes`` (name -> shape, of the tensors in ``source``) are
+    those of an SAE of config ``cfg``: checked before anything of that size is allocated."""
+    for name, shape in expected_shapes(cfg).items():
+        got = tuple(shapes[name]) if name in shapes else "missing"
+        if got != shape:
+            raise UserError(
+                f"{source}: tensor {name} has shape {got}, expected {shape} from its "
+                f"{SAE_CONFIG}; the files do not belong together"
+            )
+
+
+def read_sae_config(path: str | Path) -> dict[str, Any]:
+    """The JSON object in the ``cfg.json`` file ``path``; a one-line error if it is not one."""
+    fix = "write it again, or restore it from the run that exported the SAE"
+    raw = read_json(path, "the SAE config", fix)
+    if not isinstance(raw, dict):
+        raise UserError(f"the SAE config {path} holds {type(raw).__name__}, not an object: {fix}")
+    return raw
+
+
+def config_from(path: str | Path, fields_: dict[str, Any]) -> SAEConfig:
+    """:meth:`SAEConfig.from_dict` with its errors naming the file the fields came from."""
+    try:
+        return SAEConfig.from_dict(fields_)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    except TypeError as e:  # a required field is missing
+        raise UserError(f"{path}: {' '.join(str(e).split())}") from None
 
 
 class ForwardOutput(NamedTuple):
@@ -333,22 +393,32 @@ class SAE(nn.Module):
                 f"{path} is not a saetrain SAE folder: expected {SAE_CONFIG} and {SAE_WEIGHTS} "
                 "in it (the export written at the end of `python -m saetrain fit`)"
             )
-        raw = json.loads((path / SAE_CONFIG).read_text())
-        cfg = SAEConfig.from_dict(raw)
-        state = load_file(str(path / SAE_WEIGHTS), device=str(device))
-        sae = cls(cfg, device=device)
-        expected = {n: tuple(p.shape) for n, p in sae.named_parameters()}
-        for name, shape in expected.items():
-            if name not in state or tuple(state[name].shape) != shape:
-                got = tuple(state[name].shape) if name in state else "missing"
-                raise UserError(
-                    f"{path / SAE_WEIGHTS}: tensor {name} has shape {got}, expected {shape} "
-                    f"from {SAE_CONFIG}; the files do not belong together"
-                )
-        sae.to(state["W_dec"].dtype)
-        sae.load_state_dict(
-            {**state, "input_scale": torch.ones(()), "initialized": torch.ones((), dtype=bool)}
-        )
+        # cfg.json checked, and against the tensors' shapes in the safetensors header, before
+        # anything is allocated: a cfg.json saying num_latents 1e12 must not start allocating.
+        cfg = config_from(path / SAE_CONFIG, read_sae_config(path / SAE_CONFIG))
+        with open_safetensors(path / SAE_WEIGHTS) as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
+            check_shapes(path / SAE_WEIGHTS, cfg, shapes)
+            state = {k: f.get_tensor(k) for k in expected_shapes(cfg)}
+        return cls.from_tensors(cfg, state, device=device)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        cfg: SAEConfig,
+        tensors: dict[str, Tensor],
+        *,
+        input_scale: float = 1.0,
+        device: str | torch.device = "cpu",
+    ) -> SAE:
+        """An SAE holding ``tensors`` (W_enc, b_enc, W_dec, b_dec, shaped as
+        :func:`check_shapes` checks), in ``W_dec``'s dtype, without a random init first."""
+        dtype = tensors["W_dec"].dtype
+        sae = cls(cfg, device="meta")  # nothing allocated: every tensor is assigned below
+        state = {k: tensors[k].to(device, dtype).contiguous() for k in expected_shapes(cfg)}
+        state["input_scale"] = torch.tensor(float(input_scale), device=device)
+        state["initialized"] = torch.ones((), dtype=torch.bool, device=device)
+        sae.load_state_dict(state, assign=True)
         return sae.eval()
 
 

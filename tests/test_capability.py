@@ -238,6 +238,10 @@ def test_eval_capability_cli_writes_results_summary_and_the_tradeoff_plot(
     assert names <= {p.name for p in out.iterdir()}
     scores = json.loads((out / "capability.json").read_text())
     assert set(scores) == {"baseline", "add x6"} and all(0 <= v <= 1 for v in scores.values())
+    # written in a temporary folder renamed to out: the tasks' data paths point into out
+    task = (out / "tasks" / "saetrain_mmlu.yaml").read_text()
+    assert str(out.resolve() / "tasks" / "data") in task and ".tmp-" not in task
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cap", "refusal.json"]
     assert "| add x6 |" in capsys.readouterr().out
     # With a gate: gated rows, the gate's own rates on its validation prompts, its open rate.
     gate = {
@@ -285,8 +289,30 @@ def test_bad_capability_input_gives_one_clear_line(extra, message, sae_dir, tmp_
             [],
         )
         extra = [str(tmp_path / "bad") if e == "BAD" else e for e in extra]
-    assert main(["eval-capability", "--sae", str(sae_dir), "--out_dir", str(tmp_path), *extra]) == 2
+    out = str(tmp_path / "out")
+    assert main(["eval-capability", "--sae", str(sae_dir), "--out_dir", out, *extra]) == 2
     assert message in error_line(capsys)
+
+
+def test_eval_capability_refuses_a_used_out_dir_before_the_tasks_and_the_lm(
+    sae_dir, tmp_path, capsys, monkeypatch
+):
+    import saetrain.data.lm as lm
+    import saetrain.steering.capability as capability
+
+    def fail(*a, **k):
+        raise AssertionError("the tasks or the LM were loaded")
+
+    monkeypatch.setattr(lm, "load_lm", fail)
+    monkeypatch.setattr(capability, "resolve_tasks", fail)
+    (tmp_path / "cap").mkdir()
+    (tmp_path / "cap" / "results.json").write_text("{}")
+    args = ["eval-capability", "--sae", str(sae_dir), "--out_dir", str(tmp_path / "cap")]
+    assert main(args) == 2
+    assert "cap already exists and is not empty: choose another --out_dir or pass " in (
+        error_line(capsys)
+    )
+    assert (tmp_path / "cap" / "results.json").read_text() == "{}"
 
 
 CALLBACK = """

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
+from lmfixtures import error_line
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -311,6 +313,76 @@ def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
         == 2
     )
     assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_latents": 1e12}, "num_latents must be a whole number, got 1000000000000.0"),
+        ({"num_latents": 10**12}, f"tensor W_enc has shape ({N}, {D_IN}), expected (10000"),
+        ({"k": "4"}, "k must be a whole number, got '4'"),
+        ({"d_in": None}, "d_in must be a whole number, got None"),
+        ({"auxk_coef": "1/32"}, "auxk_coef must be a finite number, got '1/32'"),
+        ({"normalize_activations": "no"}, "normalize_activations must be true or false"),
+        ({"num_latents": -1}, "num_latents must be >= 1, got -1"),
+    ],
+)
+def test_a_cfg_json_with_impossible_values_is_one_line_before_anything_is_allocated(
+    tmp_path, capsys, monkeypatch, change, message
+):
+    path = make_sae().save(tmp_path / "sae")
+    cfg = json.loads((path / "cfg.json").read_text())
+    (path / "cfg.json").write_text(json.dumps({**cfg, **change}))
+
+    def no_allocation(*a, **k):
+        raise AssertionError("an SAE was allocated from an unchecked cfg.json")
+
+    monkeypatch.setattr(torch, "randn", no_allocation)  # what SAE() allocates first
+    with pytest.raises(UserError, match=re.escape(message)) as err:
+        load_sae(path)
+    assert str(err.value).startswith(str(path))  # names the file
+    monkeypatch.undo()
+    out = str(tmp_path / "o")
+    assert main(["export", "--ckpt", str(path), "--format", "saelens", "--out", out]) == 2
+    assert message in error_line(capsys) and not os.path.exists(out)
+
+
+def test_corrupt_sae_files_and_checkpoints_are_one_line_naming_the_file(tmp_path, capsys):
+    path = make_sae().save(tmp_path / "sae")
+    weights = (path / "sae.safetensors").read_bytes()
+    broken = {
+        "sae.safetensors": [weights[: len(weights) // 2], os.urandom(300), b""],
+        "cfg.json": [b'{"d_in": 16, "num_l', b"\x89PNG\r\n"],
+    }
+    for name, contents in broken.items():
+        for content in contents:
+            good = (path / name).read_bytes()
+            (path / name).write_bytes(content)
+            with pytest.raises(UserError) as err:
+                load_sae(path)
+            assert str(path / name) in str(err.value) and "\n" not in str(err.value)
+            assert main(["steer", "--sae", str(path), "--features", "[1]"]) == 2
+            assert str(path / name) in error_line(capsys)
+            (path / name).write_bytes(good)
+    ckpt = tmp_path / "last.ckpt"
+    lightning_checkpoint(ckpt, make_sae())
+    whole = ckpt.read_bytes()
+    for content in (whole[: len(whole) // 2], os.urandom(300), b""):
+        ckpt.write_bytes(content)
+        with pytest.raises(UserError, match=f"{ckpt} is not a readable PyTorch checkpoint"):
+            load_sae(ckpt)
+        out = str(tmp_path / "o")
+        assert main(["export", "--ckpt", str(ckpt), "--format", "saelens", "--out", out]) == 2
+        assert f"{ckpt} is not a readable PyTorch checkpoint" in error_line(capsys)
+
+
+def test_export_never_replaces_the_folder_it_reads_the_sae_from(tmp_path, capsys):
+    path = make_sae().save(tmp_path / "run")
+    (path / "notes.txt").write_text("keep")
+    argv = ["export", "--ckpt", str(path), "--format", "saetrain", "--out", str(path)]
+    assert main([*argv, "--overwrite"]) == 2
+    assert "which --overwrite would delete with the folder" in error_line(capsys)
+    assert (path / "notes.txt").read_text() == "keep"
 
 
 def test_a_hub_id_that_cannot_be_downloaded_gives_one_clear_line(monkeypatch):

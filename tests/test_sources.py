@@ -106,10 +106,10 @@ def test_json_array_cut_off_mid_record_yields_the_whole_records_without_error(tm
     cut = text.index('"id": "37"') + 12  # inside record 37
     path = tmp_path / "sharegpt.json"
     path.write_text(text[:cut])
-    from saetrain.data import sources
+    from saetrain.data import readers
 
     # A tiny chunk size makes records straddle chunk boundaries, as they do in big files.
-    read = list(sources._iter_json(str(path), chunk_chars=64))
+    read = list(readers.iter_json(str(path), chunk_chars=64))
     assert [r["id"] for r in read] == [str(i) for i in range(37)]
     with caplog.at_level(logging.WARNING):
         assert docs(str(path)) == [f"user: q{i} \u00e9 ]}}" for i in range(37)]
@@ -226,3 +226,75 @@ def test_unreachable_hub_dataset_is_a_one_line_error_naming_the_id(monkeypatch):
     with pytest.raises(ValueError, match="'someone/corpus'.*local file") as err:
         docs("someone/corpus")
     assert "\n" not in str(err.value)
+
+
+def test_a_text_field_no_record_has_is_an_error_naming_the_fields_that_exist(tmp_path):
+    chats = [{"messages": [{"role": "user", "content": f"q{i}"}], "id": i} for i in range(3)]
+    path = write_jsonl(tmp_path / "chat.jsonl", chats)
+    assert len(docs(path)) == 3  # the default text_field may be absent: chat messages are read
+    with pytest.raises(UserError, match=r"text_field 'body' is in none of the first 3 records, "):
+        docs(path, text_field="body")
+    with pytest.raises(UserError, match=r"which have the fields \['id', 'messages'\]"):
+        docs(path, text_field="body")
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"content": ["a"], "id": [1]}), tmp_path / "a.parquet")
+    with pytest.raises(UserError, match=r"has no column 'body' .*columns are \['content', 'id'\]"):
+        docs(str(tmp_path / "a.parquet"), text_field="body")
+
+
+@pytest.mark.parametrize("name", ["corpus.jsonl", "corpus.txt", "corpus.json"])
+def test_a_binary_corpus_is_an_error_naming_the_file_and_its_format(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x01\x00\xff\xfe" * 40)
+    fmt = name.rsplit(".", 1)[1]
+    with pytest.raises(UserError, match=rf"{name} \({fmt}\), line 1: not UTF-8 text"):
+        docs(str(path))
+
+
+def test_an_empty_text_corpus_says_it_holds_no_text_not_which_json_fields_it_lacks(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(UserError, match=r"no documents found in .*empty.txt \(txt\): it holds no"):
+        docs(str(tmp_path / "empty.txt"))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(UserError, match=r"empty.jsonl \(jsonl\): it holds no records"):
+        docs(str(tmp_path / "empty.jsonl"))
+
+
+def bad_corpus(tmp_path) -> str:
+    """JSON lines: 3 good records, a malformed one (line 4), 2 good, one that is not UTF-8
+    (line 7), then enough good ones for the bad lines to lie deep in the file."""
+    lines = [json.dumps({"text": f"d{i}"}) for i in range(3)] + ['{"text": oops}']
+    lines += [json.dumps({"text": f"d{i}"}) for i in range(3, 5)]
+    path = tmp_path / "big.jsonl"
+    with path.open("wb") as f:
+        f.write(("\n".join(lines) + "\n").encode())
+        f.write(b'{"text": "caf\xe9"}\n')  # latin-1, not UTF-8
+        f.write("".join(json.dumps({"text": f"d{i}"}) + "\n" for i in range(5, 200)).encode())
+    return str(path)
+
+
+def test_a_malformed_record_deep_in_a_corpus_names_its_file_and_line_after_the_records_before(
+    tmp_path,
+):
+    path = bad_corpus(tmp_path)
+    stream = iter_documents(TextSource(path))
+    assert [next(stream) for _ in range(3)] == ["d0", "d1", "d2"]  # still read lazily
+    with pytest.raises(UserError, match=r"big.jsonl \(jsonl\), line 4: invalid JSON \(Expecting"):
+        next(stream)
+    with open(path, "rb") as f:
+        fixed = f.read().replace(b"oops", b'"d3b"')
+    with open(path, "wb") as f:
+        f.write(fixed)
+    with pytest.raises(UserError, match=r"big.jsonl \(jsonl\), line 7: not UTF-8 text"):
+        docs(path)
+
+
+def test_on_bad_record_skip_skips_and_counts_bad_records_and_reports_the_count(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        read = docs(bad_corpus(tmp_path), on_bad_record="skip")
+    assert read == [f"d{i}" for i in range(200)]
+    assert "big.jsonl (jsonl), line 4: invalid JSON (Expecting value); skipping it" in caplog.text
+    assert "skipped 2 bad records (on_bad_record: skip)" in caplog.text
+    with pytest.raises(ValueError, match="on_bad_record must be 'error' or 'skip', got 'ignore'"):
+        TextSource("x.jsonl", on_bad_record="ignore")

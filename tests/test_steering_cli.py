@@ -101,7 +101,7 @@ def gated_eval_args(sae_dir, gate: dict, unsafe: str, out) -> list[str]:
     args = ["eval-refusal", "--sae", str(sae_dir), "--features", "[3]", "--op", "add"]
     args += ["--strength_unit", "absolute", "--strengths", "[2]", "--gate", json.dumps(gate)]
     args += ["--unsafe", f"[{unsafe}]", "--safe", '[{"path": "builtin:harmless", "limit": 2}]']
-    return [*args, "--out_dir", str(out), *FAST]
+    return [*args, "--out_dir", str(out), "--overwrite", "true", *FAST]  # reruns replace it
 
 
 def no_generation(monkeypatch):
@@ -233,6 +233,98 @@ def test_a_feature_outside_the_sae_is_one_line_before_the_lm_loads(sae_dir, caps
     args = ["steer", "--sae", str(sae_dir), "--features", "[999]"]  # the default strength unit
     assert main([*args, *FAST]) == 2
     assert "features [999] do not exist: the SAE has 64 latents" in error_line(capsys)
+
+
+def no_lm(monkeypatch):
+    """Make loading an LM fail the test."""
+    import saetrain.data.lm as lm
+
+    def fail(*a, **k):
+        raise AssertionError("the LM was loaded")
+
+    monkeypatch.setattr(lm, "load_lm", fail)
+
+
+def small_eval_args(sae_dir, out) -> list[str]:
+    """eval-refusal of the baseline and feature 3 added at strength 2, on three prompts."""
+    args = ["eval-refusal", "--sae", str(sae_dir), "--features", "[3]", "--op", "add"]
+    args += ["--strength_unit", "absolute", "--strengths", "[2]", "--fluency_loss", "false"]
+    args += ["--unsafe", '[{"path": "builtin:harmful", "limit": 2}]']
+    args += ["--safe", '[{"path": "builtin:harmless", "limit": 1}]', "--out_dir", str(out)]
+    return [*args, *FAST]
+
+
+def test_eval_refusal_replaces_earlier_results_only_when_told_and_then_whole(
+    sae_dir, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "eval"
+    args = small_eval_args(sae_dir, out)
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"results.json", "responses.jsonl", "config.yaml"} <= set(before)
+    with monkeypatch.context() as m:  # refused in one line, before the LM loads
+        no_lm(m)
+        assert main(args) == 2
+    line = error_line(capsys)
+    assert f"{out} already exists and is not empty: choose another --out_dir or pass " in line
+    assert "--overwrite true to replace it" in line
+    # Interrupted while writing its report: the earlier results stay whole, nothing half-written.
+    import saetrain.evals.tradeoff as tradeoff
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(tradeoff, "write_tradeoff_report", interrupted)
+        assert main([*args, "--overwrite", "true"]) == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["eval"]  # no temporary folder left
+    # Replaced: the new results, and nothing left of the earlier run.
+    (out / "notes.txt").write_text("from the earlier run")
+    assert main([*args, "--strengths", "[4]", "--overwrite", "true"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {r["setting"] for r in results["rows"]} == {"baseline", "add x4"}
+    assert not (out / "notes.txt").exists() and (out / "responses.jsonl").is_file()
+    assert "overwrite: true" in (out / "config.yaml").read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["eval"]
+
+
+def test_features_refuses_a_used_out_dir_and_one_holding_its_sae_before_the_lm_loads(
+    sae_dir, tmp_path, capsys, monkeypatch
+):
+    no_lm(monkeypatch)
+    out = tmp_path / "features"
+    out.mkdir()
+    (out / "features.json").write_text("{}")
+    args = ["features", "--sae", str(sae_dir), *FAST]
+    assert main([*args, "--out_dir", str(out)]) == 2
+    assert f"{out} already exists and is not empty: choose another --out_dir" in error_line(capsys)
+    # --overwrite true would delete the SAE it reads with the folder that holds it: refused
+    assert main([*args, "--out_dir", str(sae_dir.parent), "--overwrite", "true"]) == 2
+    assert f"holds {sae_dir}, which --overwrite true would delete" in error_line(capsys)
+    assert (out / "features.json").read_text() == "{}" and (sae_dir / "cfg.json").is_file()
+
+
+def test_an_arm_feature_outside_the_sae_is_one_line_before_the_lm_loads(
+    sae_dir, tmp_path, capsys, monkeypatch
+):
+    no_lm(monkeypatch)
+    args = small_eval_args(sae_dir, tmp_path / "eval")
+    args += ["--arms", '[{"kind": "none"}, {"kind": "sae_clamp", "features": [64]}]']
+    assert main(args) == 2
+    assert "arm sae_clamp: features [64] do not exist: the SAE has 64 latents" in error_line(capsys)
+
+
+def test_a_corrupt_features_table_is_one_line_naming_it(sae_dir, tmp_path, capsys):
+    table = tmp_path / "features.json"
+    table.write_text('{"methods": {"response": {"rows": [')
+    args = ["steer", "--sae", str(sae_dir), "--features", "[3]", "--features_table", str(table)]
+    args += ["--strength_unit", "max_activation", *FAST]
+    assert main(args) == 2
+    assert f"features_table {table} is not valid JSON (Expecting value" in error_line(capsys)
+    table.write_text('{"rows": []}')
+    assert main(args) == 2
+    assert f"features_table {table} has no methods with rows of feature" in error_line(capsys)
 
 
 def test_a_bad_option_value_is_one_line_and_exit_status_2(capsys):

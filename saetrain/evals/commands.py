@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import UserError
+from ..files import check_out_dir, staged_dir
 from ..steering.commands import SteeringSpec, Target, _load, _units, corpus_stats, parse_config
 from ..steering.gate import GateConfig, build_gate, prompt_key
 from ..steering.prompts import PromptSet, load_prompts
@@ -66,7 +67,10 @@ class EvalRefusalConfig(SteeringSpec, Target):
     progress_every: float = 10.0
     """Seconds between progress lines (and one at the end of every arm and set)."""
     out_dir: str = "steering/eval"
-    """Where responses.jsonl, results.json, summary.md, the plots and config.yaml go."""
+    """Where responses.jsonl, results.json, summary.md, the plots and config.yaml go: a new or
+    empty folder, written whole at the end (see overwrite)."""
+    overwrite: bool = False
+    """Replace a non-empty out_dir (removed only once the new results are complete)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -153,6 +157,8 @@ def run_eval_refusal(argv: list[str]) -> None:
     warnings = unchecked + check_apart(evaluated, fitting)  # before the LM loads
     for w in warnings:
         print(f"saetrain eval-refusal: warning: {w}")
+    inputs = [cfg.sae, cfg.features_table, cfg.direction.path]
+    check_out_dir(cfg.out_dir, cfg.overwrite, inputs=inputs)  # before the judge and LM load
     judge = make_judge(cfg.judge, kind=cfg.judge_kind, device=cfg.device)
     sae, model, tokenizer = _load(cfg)
     from ..steering.commands import check_features
@@ -176,39 +182,40 @@ def run_eval_refusal(argv: list[str]) -> None:
         units_for=lambda feats: _units(cfg, sae, model, tokenizer, feats), gate=gate,
         direction=direction, firing_rate=firing_rate, positions=cfg.positions,
     )  # fmt: skip
+    # Written into a folder beside out_dir that becomes out_dir at the end (saetrain.files).
+    with staged_dir(cfg.out_dir, cfg.overwrite, inputs=inputs) as out:
+        (out / "config.yaml").write_text(yaml)
+        record = fitting_record(fitting, evaluated, warnings)
+        (out / "fitting.json").write_text(json.dumps(record, indent=2) + "\n")
+        rows = evaluate_arms(
+            model, tokenizer, sae, sets, settings, judge=judge, layer=cfg.layer,
+            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+            responses_path=out / "responses.jsonl",
+            fluency_pairs=builtin.harmless_pairs() if cfg.fluency_loss else (),
+            system=cfg.system, progress_every=cfg.progress_every,
+        )  # fmt: skip
+        if direction is not None:
+            direction.save(out / "direction")
+        header = (
+            f"# Refusal evaluation: {cfg.sae}, layer {cfg.layer}, judge {cfg.judge}\n\n"
+            f"Strength unit of SAE arms: {cfg.strength_unit}; the absolute column gives the values."
+        )
+        report = write_tradeoff_report(rows, out, header=header, gate=gate_info)
+        results = {
+            "features": cfg.features,
+            "strength_unit": cfg.strength_unit,
+            "arms": [a.label for a in arms],
+            "gate": gate_info,
+            "direction": None
+            if direction is None
+            else {"scale": direction.scale, "pool": direction.pool, **direction.fitted_on},
+            "fitting": fitting_summary(record),
+            "evaluated": record["evaluated"],
+            "table": report["table"],
+            "rows": rows,
+        }
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml)
-    record = fitting_record(fitting, evaluated, warnings)
-    (out / "fitting.json").write_text(json.dumps(record, indent=2) + "\n")
-    rows = evaluate_arms(
-        model, tokenizer, sae, sets, settings, judge=judge, layer=cfg.layer,
-        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-        responses_path=out / "responses.jsonl",
-        fluency_pairs=builtin.harmless_pairs() if cfg.fluency_loss else (),
-        system=cfg.system, progress_every=cfg.progress_every,
-    )  # fmt: skip
-    if direction is not None:
-        direction.save(out / "direction")
-    header = (
-        f"# Refusal evaluation: {cfg.sae}, layer {cfg.layer}, judge {cfg.judge}\n\n"
-        f"Strength unit of SAE arms: {cfg.strength_unit}; the absolute column gives the values."
-    )
-    report = write_tradeoff_report(rows, out, header=header, gate=gate_info)
-    results = {
-        "features": cfg.features,
-        "strength_unit": cfg.strength_unit,
-        "arms": [a.label for a in arms],
-        "gate": gate_info,
-        "direction": None
-        if direction is None
-        else {"scale": direction.scale, "pool": direction.pool, **direction.fitted_on},
-        "fitting": fitting_summary(record),
-        "evaluated": record["evaluated"],
-        "table": report["table"],
-        "rows": rows,
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     print((out / "summary.md").read_text())
     print(
         f"saetrain eval-refusal: wrote {out}/responses.jsonl, results.json, fitting.json, "

@@ -27,21 +27,15 @@ import contextlib
 import json
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .commands import (
-    SteeringSpec,
-    Target,
-    _load,
-    _save_config,
-    _settings,
-    _units,
-    parse_config,
-)
+from ..files import check_out_dir, read_json, staged_dir
+from .commands import SteeringSpec, Target, _load, _settings, _units, parse_config
 from .evaluate import Setting
 from .gate import GateConfig, build_gate
 from .generate import reply_loss
@@ -313,7 +307,10 @@ class EvalCapabilityConfig(SteeringSpec, Target):
     """results.json of `saetrain eval-refusal` on the same settings: plot refusal against capability
     (tradeoff.png)."""
     out_dir: str = "steering/capability"
-    """Where results.json, capability.json, summary.md, samples.jsonl and the plot go."""
+    """Where results.json, capability.json, summary.md, samples.jsonl and the plot go: a new or
+    empty folder, written whole at the end (see overwrite)."""
+    overwrite: bool = False
+    """Replace a non-empty out_dir (removed only once the new results are complete)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -337,17 +334,31 @@ class EvalCapabilityConfig(SteeringSpec, Target):
 
 def run_eval_capability(argv: list[str]) -> None:
     """``python -m saetrain eval-capability``: lm-eval scores for the baseline and each strength."""
+    cfg, yaml = parse_config(EvalCapabilityConfig, argv, "saetrain eval-capability")
+    inputs = [cfg.sae, cfg.refusal_results]
+    check_out_dir(cfg.out_dir, cfg.overwrite, inputs=inputs)  # before the tasks and the LM
+    refusal_rows = None
+    if cfg.refusal_results:
+        fix = "give the results.json of `saetrain eval-refusal`"
+        refusal = read_json(cfg.refusal_results, "refusal_results", fix)
+        if not isinstance(refusal, dict) or not isinstance(refusal.get("rows"), list):
+            raise UserError(f"refusal_results {cfg.refusal_results} has no rows: {fix}")
+        refusal_rows = refusal["rows"]
+    # Written into a folder beside out_dir that becomes out_dir at the end (saetrain.files).
+    with staged_dir(cfg.out_dir, cfg.overwrite, inputs=inputs) as staged:
+        summary = _evaluate_into(staged, cfg, yaml, refusal_rows)
+        _repoint_tasks(staged / "tasks", staged, Path(cfg.out_dir))
+    print(summary)
+    out = Path(cfg.out_dir)
+    print(f"saetrain eval-capability: wrote {out}/results.json, capability.json and summary.md")
+
+
+def _evaluate_into(out: Path, cfg: EvalCapabilityConfig, yaml: str, refusal_rows) -> str:
+    """Run the evaluation of ``cfg``, writing every file into ``out``; returns the summary."""
     from . import builtin
     from .report import plot_tradeoff
 
-    cfg, yaml = parse_config(EvalCapabilityConfig, argv, "saetrain eval-capability")
-    refusal_rows = None
-    if cfg.refusal_results:
-        path = Path(cfg.refusal_results)
-        if not path.is_file():
-            raise UserError(f"refusal_results {path} does not exist: run eval-refusal first")
-        refusal_rows = json.loads(path.read_text())["rows"]
-    out = _save_config(cfg.out_dir, yaml)
+    (out / "config.yaml").write_text(yaml)
     shots = dict(mmlu_shots=cfg.mmlu_shots, gsm8k_shots=cfg.gsm8k_shots)
     tasks = resolve_tasks(
         cfg.tasks,
@@ -390,5 +401,16 @@ def run_eval_capability(argv: list[str]) -> None:
     (out / "summary.md").write_text(summary)
     if refusal_rows is not None:
         plot_tradeoff(refusal_rows, out / "tradeoff.png", capability=scores)
-    print(summary)
-    print(f"saetrain eval-capability: wrote {out}/results.json, capability.json and summary.md")
+    return summary
+
+
+def _repoint_tasks(task_dir: Path, staged: Path, out_dir: Path) -> None:
+    """Point the local tasks' data files (absolute paths, written under the staged folder) at
+    ``out_dir``, where the folder is about to be renamed, so ``lm_eval --include_path`` reruns
+    them from there."""
+    before = str(staged.resolve())
+    after = str(staged.resolve().with_name(Path(os.path.abspath(out_dir)).name))
+    for config in task_dir.glob("*.yaml"):
+        text = config.read_text(encoding="utf-8")
+        if before in text:
+            config.write_text(text.replace(before, after), encoding="utf-8")

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import UserError
+from ..files import check_out_dir, read_json, staged_dir
 from .evaluate import Setting
 from .hooks import Intervention, Op, Positions
 from .prompts import PromptSet, load_prompts
@@ -137,7 +138,10 @@ class FeaturesConfig(Target):
     judge_kind: Literal["auto", "wildguard", "llama_guard", "harmbench"] = "auto"
     """Prompt format of a model judge; auto goes by its name."""
     out_dir: str = "steering/features"
-    """Where features.json, features.txt and config.yaml go."""
+    """Where features.json, features.txt and config.yaml go: a new or empty folder, written
+    whole at the end (see overwrite)."""
+    overwrite: bool = False
+    """Replace a non-empty out_dir (removed only once the new results are complete)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -202,6 +206,8 @@ def _load(cfg: Target):
 
     sae = load_sae(cfg.sae, device=cfg.device)
     check_features(list(getattr(cfg, "features", None) or []), sae)  # before the LM loads
+    for arm in getattr(cfg, "arms", None) or []:  # eval-refusal's arms may name their own
+        check_features(list(arm.features or []), sae, f"arm {arm.label}: features")
     model_id = cfg.model or sae.cfg.extra.get("model")
     if not model_id:
         raise UserError(f"{cfg.sae}/cfg.json names no model (extra.model): pass --model")
@@ -215,13 +221,6 @@ def _load(cfg: Target):
             f"{hidden_size(model.config)}: pass the model the SAE was trained on"
         )
     return sae, model, tokenizer
-
-
-def _save_config(out_dir: str, yaml: str) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml)
-    return out
 
 
 def check_features(features: list[int], sae, what: str = "features") -> None:
@@ -250,8 +249,7 @@ def _units(cfg, sae, model, tokenizer, features: list[int] | None = None) -> lis
             )
         return units
     if cfg.features_table:
-        table = json.loads(Path(cfg.features_table).read_text())
-        known = {r["feature"]: r["max_pos"] for m in table["methods"].values() for r in m["rows"]}
+        known = _max_positions(cfg.features_table)
         missing = [f for f in features if f not in known]
         if missing:
             raise UserError(
@@ -271,6 +269,18 @@ def _units(cfg, sae, model, tokenizer, features: list[int] | None = None) -> lis
             "max_activation unit: pass features_table, or strength_unit: absolute"
         )
     return units
+
+
+def _max_positions(path: str) -> dict[int, float]:
+    """Each feature's largest activation on refusal text, from a features.json."""
+    what = "give the features.json written by `saetrain features`"
+    table = read_json(path, "features_table", what)
+    try:
+        return {r["feature"]: r["max_pos"] for m in table["methods"].values() for r in m["rows"]}
+    except (KeyError, TypeError, AttributeError):
+        raise UserError(
+            f"features_table {path} has no methods with rows of feature and max_pos: {what}"
+        ) from None
 
 
 def corpus_stats(cfg, sae, model, tokenizer):
@@ -308,6 +318,7 @@ def run_features(argv: list[str]) -> None:
     from .judge import make_judge
 
     cfg, yaml = parse_config(FeaturesConfig, argv, "saetrain features")
+    check_out_dir(cfg.out_dir, cfg.overwrite, inputs=[cfg.sae])  # before the LM loads
     harmful, harmless = load_prompts(cfg.harmful), load_prompts(cfg.harmless)
     sae, model, tokenizer = _load(cfg)
     effect_unit = None
@@ -341,10 +352,12 @@ def run_features(argv: list[str]) -> None:
         "harmful": dataclasses.asdict(cfg.harmful),
         "harmless": dataclasses.asdict(cfg.harmless),
     }
-    out = _save_config(cfg.out_dir, yaml)
-    paths = write_table(table, out)
-    print(paths[1].read_text())
-    print(f"saetrain features: wrote {paths[0]} and {paths[1]}")
+    with staged_dir(cfg.out_dir, cfg.overwrite, inputs=[cfg.sae]) as staged:
+        (staged / "config.yaml").write_text(yaml)
+        write_table(table, staged)
+    out = Path(cfg.out_dir)
+    print((out / "features.txt").read_text())
+    print(f"saetrain features: wrote {out / 'features.json'} and {out / 'features.txt'}")
 
 
 def side_by_side(left: str, right: str, width: int, titles=("baseline", "steered")) -> str:

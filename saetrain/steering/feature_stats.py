@@ -23,13 +23,17 @@ The statistics are computed once and stored beside the SAE as ``feature_stats.sa
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor
 
 from ..errors import UserError
+
+log = logging.getLogger("saetrain")
 
 FILE = "feature_stats.safetensors"
 QUANTILE = 0.999
@@ -164,8 +168,16 @@ def feature_stats(
     )
     path = Path(sae_dir) / FILE if sae_dir is not None else None
     if path is not None and path.is_file():
-        stored = load(path)
-        if stored.meta.get("sample") == meta and stored.fires.numel() == sae.cfg.num_latents:
+        try:
+            stored = load(path)
+        except UserError as e:  # a cache cut short or corrupt: measured again, written over
+            log.warning("%s; measuring the statistics again", e)
+            stored = None
+        if (
+            stored is not None
+            and stored.meta.get("sample") == meta
+            and stored.fires.numel() == sae.cfg.num_latents
+        ):
             return stored
     texts = list(iter_documents(src, tokenizer))
     fires, mx, p999, tokens = collect(
@@ -194,10 +206,13 @@ def save(stats: FeatureStats, path: str | Path) -> Path:
 
 
 def load(path: str | Path) -> FeatureStats:
-    """Read statistics written by :func:`save`."""
-    from safetensors import safe_open
+    """Read statistics written by :func:`save` (a one-line error if the file is not whole)."""
+    from ..files import open_safetensors
 
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-        t = {k: f.get_tensor(k) for k in ("fires", "max", "p999")}
+    with open_safetensors(path) as f:
+        try:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+            t = {k: f.get_tensor(k) for k in ("fires", "max", "p999")}
+        except (json.JSONDecodeError, SafetensorError) as e:
+            raise UserError(f"{path} is not a whole feature statistics file ({e})") from None
     return FeatureStats(t["fires"], t["max"], t["p999"], int(meta.get("tokens", 0)), meta)
