@@ -22,6 +22,32 @@ from .refusal import is_degenerate
 LABELS = ("refusal", "deflection", "compliance", "degenerate")
 
 
+def sample_replies(responses: str | Path, n: int, seed: int = 0) -> list[dict]:
+    """``n`` replies of an eval-refusal ``responses.jsonl`` to label, spread evenly over its
+    settings (round robin over settings, each shuffled with ``seed``), in a shuffled order and
+    without the judge's verdict: ``prompt``, ``response``, ``setting``, ``set``, ``label: ""``."""
+    import random
+
+    by_setting: dict[str, list[dict]] = {}
+    for line in Path(responses).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            by_setting.setdefault(row["setting"], []).append(row)
+    if not by_setting:
+        raise UserError(f"{responses} holds no replies")
+    rng = random.Random(seed)
+    for rows in by_setting.values():
+        rng.shuffle(rows)
+    picked: list[dict] = []
+    while len(picked) < n and any(by_setting.values()):
+        for rows in by_setting.values():
+            if rows and len(picked) < n:
+                picked.append(rows.pop())
+    rng.shuffle(picked)
+    keep = ("prompt", "response", "setting", "set")
+    return [{**{k: r.get(k) for k in keep}, "label": ""} for r in picked]
+
+
 def read_labels(path: str | Path) -> list[dict]:
     """The labelled replies of ``path``, checked: every line has prompt, response and a label
     of :data:`LABELS`."""
