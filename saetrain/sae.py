@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -151,6 +152,12 @@ def check_shapes(source: str | Path, cfg: SAEConfig, shapes: dict[str, tuple[int
                 f"{source}: tensor {name} has shape {got}, expected {shape} from its "
                 f"{SAE_CONFIG}; the files do not belong together"
             )
+
+
+CFG_KEY = "saetrain_cfg"
+"""Key of the safetensors header entry holding a copy of cfg.json (see :meth:`SAE.save`)."""
+SAVING = ".saving"
+"""Marker file present in an SAE folder only while :meth:`SAE.save` renames its two files."""
 
 
 def read_sae_config(path: str | Path) -> dict[str, Any]:
@@ -376,11 +383,19 @@ class SAE(nn.Module):
         cfg["format_version"] = 1
         cfg["normalization_folded"] = True
         cfg["dtype"] = str(self.dtype).removeprefix("torch.")
-        save_file(self.folded_state_dict(), str(tmp / SAE_WEIGHTS))
-        (tmp / SAE_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+        # The weights file carries its own copy of cfg.json: the two files are renamed into
+        # place one after the other, and a kill between the renames must not pair new weights
+        # with an old config (load trusts the weights' copy when a save marker is left and they
+        # disagree; without one cfg.json wins, so hand edits of it count).
+        text = json.dumps(cfg, indent=2) + "\n"
+        save_file(self.folded_state_dict(), str(tmp / SAE_WEIGHTS), metadata={CFG_KEY: text})
+        (tmp / SAE_CONFIG).write_text(text)
         path.mkdir(parents=True, exist_ok=True)
+        marker = path / SAVING
+        marker.touch()  # while it exists the two files may be from different saves
         for name in (SAE_WEIGHTS, SAE_CONFIG):
             (tmp / name).replace(path / name)
+        marker.unlink()
         tmp.rmdir()
         return path
 
@@ -395,8 +410,18 @@ class SAE(nn.Module):
             )
         # cfg.json checked, and against the tensors' shapes in the safetensors header, before
         # anything is allocated: a cfg.json saying num_latents 1e12 must not start allocating.
-        cfg = config_from(path / SAE_CONFIG, read_sae_config(path / SAE_CONFIG))
+        raw = read_sae_config(path / SAE_CONFIG)
         with open_safetensors(path / SAE_WEIGHTS) as f:
+            own = (f.metadata() or {}).get(CFG_KEY)
+            torn = (path / SAVING).exists() and own is not None and json.loads(own) != raw
+            if torn:
+                warnings.warn(
+                    f"{path / SAE_CONFIG} is not the config {path / SAE_WEIGHTS} was saved with "
+                    "(a save was interrupted between its two files): using the weights' own copy",
+                    stacklevel=2,
+                )
+                raw = json.loads(own)
+            cfg = config_from(path / SAE_CONFIG, raw)
             shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
             check_shapes(path / SAE_WEIGHTS, cfg, shapes)
             state = {k: f.get_tensor(k) for k in expected_shapes(cfg)}

@@ -168,3 +168,34 @@ def test_the_learning_rate_warms_up_then_decays_to_zero_at_the_last_step(decay):
         assert f(75) == pytest.approx(0.5)  # halfway through the decay, for both shapes
         assert all(f(s) >= f(s + 1) for s in range(10, 100))
     assert lr_factor(total=5, warmup=10)(4) == 1.0  # warm-up never outlasts the run
+
+
+def test_a_save_killed_between_its_two_renames_loads_the_new_weights_with_their_own_config(
+    tmp_path, monkeypatch
+):
+    from pathlib import Path
+
+    old = SAE(SAEConfig(d_in=8, num_latents=16, k=2))
+    old.save(tmp_path / "sae", {"step": 1})
+    new = SAE(SAEConfig(d_in=8, num_latents=16, k=3))
+    real_replace = Path.replace
+
+    def killed_after_the_weights(self, target):
+        if Path(target).name == "cfg.json":
+            raise KeyboardInterrupt  # the kill, between the two renames
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", killed_after_the_weights)
+    with pytest.raises(KeyboardInterrupt):
+        new.save(tmp_path / "sae", {"step": 2})
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="save was interrupted"):
+        loaded = load_sae(tmp_path / "sae")
+    assert loaded.cfg.k == 3 and loaded.cfg.extra["step"] == 2  # the new save, whole
+    torch.testing.assert_close(loaded.W_dec, new.W_dec)
+    new.save(tmp_path / "sae", {"step": 2})  # the next save ends the torn state
+    assert not (tmp_path / "sae" / ".saving").exists()
+    # without the marker, cfg.json is the config: hand edits of it count
+    edited = (tmp_path / "sae" / "cfg.json").read_text().replace('"step": 2', '"step": 7')
+    (tmp_path / "sae" / "cfg.json").write_text(edited)
+    assert load_sae(tmp_path / "sae").cfg.extra["step"] == 7

@@ -160,11 +160,7 @@ def run_eval_refusal(argv: list[str]) -> None:
     inputs = [cfg.sae, cfg.features_table, cfg.direction.path]
     check_out_dir(cfg.out_dir, cfg.overwrite, inputs=inputs)  # before the judge and LM load
     judge = make_judge(cfg.judge, kind=cfg.judge_kind, device=cfg.device)
-    sae, model, tokenizer = _load(cfg)
-    from ..steering.commands import check_features
-
-    for a in arms:
-        check_features(list(a.features or []), sae, f"arm {a.label}: features")
+    sae, model, tokenizer = _load(cfg)  # checks every arm's features first
     model_name = cfg.model or sae.cfg.extra.get("model")
     held_out = {prompt_key(r.input) for s in sets for r in s.records}
     kinds = {a.kind for a in arms}
