@@ -153,6 +153,11 @@ def export_sae(
     """
     if format not in FORMATS:
         raise UserError(f"unknown format {format!r}: choose one of {', '.join(FORMATS)}")
+    if format != "saetrain" and sae.cfg.activation != "topk":  # not silently a Top-k SAE
+        raise UserError(
+            f"a {sae.cfg.activation} SAE cannot be exported as {format} yet (its JumpReLU "
+            "threshold has no place in that format's Top-k layout): export it as saetrain"
+        )
     out = Path(out)
     with staged_dir(out, overwrite, option="--out", flag="--overwrite") as tmp:
         hookpoint = _hookpoint(sae, hookpoint)

@@ -3,7 +3,8 @@
 One SAE by default, on (B, d_in) batches. With several hookpoints (``data.layer: [3, 5]``,
 batches (B, n_hookpoints, d_in)) and/or ``model.sae_variants`` (other sizes or k), one SAE per
 (hookpoint, variant) pair trains on the same batches, so the LM forward pass is paid once for
-all of them (issue #3). Each SAE's loss = FVU + auxk_coef * AuxK; the losses are summed, which
+all of them (issue #3). Each SAE's loss = FVU (summed over Matryoshka prefixes, issue #22) +
+auxk_coef * AuxK; the losses are summed, which
 leaves each SAE's gradients exactly what they would be alone. Adam with linear warm-up and a
 decay to zero, one parameter group per SAE; the decoder's rows stay unit-norm (gradient
 projected before each step, rows renormalised after: :class:`~saetrain.optim.DecoderNormAdam`,
@@ -125,6 +126,8 @@ SETTING_RANGES = {
     "eps": (lambda v: v >= 0, ">= 0"),
     "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
     "decay_start": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "threshold_ema": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "threshold_start": (lambda v: v >= 0, "an integer >= 0"),
 }
 INTEGER_SETTINGS = {
     "num_latents",
@@ -133,6 +136,7 @@ INTEGER_SETTINGS = {
     "k_aux",
     "dead_tokens_threshold",
     "warmup_steps",
+    "threshold_start",
 }
 
 
@@ -196,6 +200,12 @@ class SAEModule(L.LightningModule):
         dead_tokens_threshold: Tokens without firing after which a latent counts as dead.
         normalize_activations: Train on inputs scaled to unit mean squared norm.
         b_dec_init: Initialise ``b_dec`` to the data's mean, geometric median, or zeros.
+        activation: ``topk``, or ``batchtopk``: the top k * B over each batch while training,
+            exported as a JumpReLU at a running threshold (see :mod:`saetrain.architectures`).
+        threshold_ema: batchtopk: weight of the old value in the threshold's moving average.
+        threshold_start: batchtopk: training batches before the threshold estimate starts.
+        matryoshka_prefixes: Nested prefixes of latents ``[m1, ..., num_latents]`` whose FVUs
+            the loss sums (Matryoshka SAEs); None: the plain loss.
         lr: Adam learning rate; None means :func:`default_lr` for ``num_latents``.
         betas: Adam betas.
         eps: Adam epsilon (Gao et al. use 6.25e-10).
@@ -219,6 +229,10 @@ class SAEModule(L.LightningModule):
         dead_tokens_threshold: int = 10_000_000,
         normalize_activations: bool = True,
         b_dec_init: Literal["mean", "geometric_median", "zeros"] = "mean",
+        activation: Literal["topk", "batchtopk"] = "topk",
+        threshold_ema: float = 0.999,
+        threshold_start: int = 1000,
+        matryoshka_prefixes: list[int] | None = None,
         lr: float | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 6.25e-10,
@@ -262,6 +276,10 @@ class SAEModule(L.LightningModule):
             dead_tokens_threshold=hp["dead_tokens_threshold"],
             normalize_activations=hp["normalize_activations"],
             b_dec_init=hp["b_dec_init"],
+            activation=hp.get("activation", "topk"),
+            threshold_ema=hp.get("threshold_ema", 0.999),
+            threshold_start=hp.get("threshold_start", 1000),
+            matryoshka_prefixes=hp.get("matryoshka_prefixes"),
         )
         return cfg, hp["lr"] or default_lr(cfg.num_latents)
 
@@ -337,7 +355,8 @@ class SAEModule(L.LightningModule):
                 t.init_checked = True
             dead = t.dead_mask
             out = t.sae(x, dead_mask=dead)
-            losses.append(out.fvu + t.sae.cfg.auxk_coef * out.auxk_loss)
+            # recon_loss: fvu, or the sum of the Matryoshka prefixes' FVUs.
+            losses.append(out.recon_loss + t.sae.cfg.auxk_coef * out.auxk_loss)
             with torch.no_grad():
                 # Latents with a positive value; the others write to a spare slot (no
                 # boolean indexing: that would be a host sync on CUDA).
@@ -433,6 +452,7 @@ class SAEModule(L.LightningModule):
             ("d_in", saved.get("d_in"), now.d_in),
             ("num_latents", saved_latents, now.num_latents),
             ("k", saved.get("k"), now.k),
+            ("activation", saved.get("activation"), now.activation),
             ("sae_variants", saved.get("sae_variants"), self.hparams.sae_variants),
         ):
             if name in saved and old != new:

@@ -14,6 +14,10 @@ unit norm: train with :class:`saetrain.DecoderNormAdam` (``decoders=[sae.W_dec]`
 after it. The sparse parts (top-k encoder backward, decode) and the losses run through
 :mod:`saetrain.kernels`.
 
+``activation: batchtopk`` (BatchTopK while training, a JumpReLU at its running threshold in
+eval mode) and ``matryoshka_prefixes`` (a loss summed over nested prefixes of latents) take the
+pure-torch path of :mod:`saetrain.architectures` (issue #22).
+
 Under FSDP (``fully_shard``, as ``SAEModule`` applies it for ``--trainer.strategy fsdp2``) the
 parameters are row-sharded DTensors between steps: every rank holds whole rows of ``W_enc`` and
 ``W_dec``, so the decoder-norm steps run on each rank's own rows, and :meth:`SAE.gathered`
@@ -26,6 +30,7 @@ import json
 import math
 import warnings
 from dataclasses import asdict, dataclass, field, fields
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -33,7 +38,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from . import kernels
+from . import architectures, kernels
 from .errors import UserError
 from .files import open_safetensors, read_json
 
@@ -72,6 +77,15 @@ class SAEConfig:
         normalize_activations: Scale inputs to unit mean squared norm during training; the scale
             is folded into the weights on export, so saved SAEs take raw activations.
         b_dec_init: How ``b_dec`` is initialised from data: mean, geometric median, or zeros.
+        activation: ``topk``: k latents per token. ``batchtopk`` (Bussmann et al. 2024): the
+            k * B largest over a training batch of B tokens, and at inference (``sae.eval()``
+            with a threshold estimated) a JumpReLU at the running threshold, independent of the
+            batch; see :mod:`saetrain.architectures`.
+        threshold_ema: batchtopk: weight of the old value in the threshold's moving average.
+        threshold_start: batchtopk: training batches before the threshold estimate starts.
+        matryoshka_prefixes: Nested prefixes of latents ``[m1, m2, ..., num_latents]``, each
+            reconstructing on its own (Bussmann et al. 2025): the loss is the sum of their
+            FVUs. None: the plain loss.
     """
 
     d_in: int
@@ -82,12 +96,23 @@ class SAEConfig:
     dead_tokens_threshold: int = 10_000_000
     normalize_activations: bool = True
     b_dec_init: Literal["mean", "geometric_median", "zeros"] = "mean"
+    activation: Literal["topk", "batchtopk"] = "topk"
+    threshold_ema: float = 0.999
+    threshold_start: int = 1000
+    matryoshka_prefixes: list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form metadata carried into ``cfg.json`` (model, hookpoint, tokens seen, data)."""
 
     def __post_init__(self) -> None:
         # Types first: a cfg.json may hold anything (issue #21: "1e12", 1.5, "64").
-        for name in ("d_in", "num_latents", "k", "dead_tokens_threshold", "k_aux"):
+        for name in (
+            "d_in",
+            "num_latents",
+            "k",
+            "dead_tokens_threshold",
+            "k_aux",
+            "threshold_start",
+        ):
             value = getattr(self, name)
             if not _is_int(value) and not (name == "k_aux" and value is None):
                 raise UserError(f"{name} must be a whole number, got {value!r}")
@@ -118,6 +143,26 @@ class SAEConfig:
             raise UserError(
                 f"b_dec_init must be 'mean', 'geometric_median' or 'zeros', got {self.b_dec_init!r}"
             )
+        if self.activation not in ("topk", "batchtopk"):
+            raise UserError(f"activation must be 'topk' or 'batchtopk', got {self.activation!r}")
+        if not _is_number(self.threshold_ema) or not 0 <= self.threshold_ema < 1:
+            raise UserError(f"threshold_ema must be in [0, 1), got {self.threshold_ema!r}")
+        if self.threshold_start < 0:
+            raise UserError(f"threshold_start must be >= 0, got {self.threshold_start}")
+        self._check_prefixes()
+
+    def _check_prefixes(self) -> None:
+        prefixes = self.matryoshka_prefixes
+        if prefixes is None:
+            return
+        ok = isinstance(prefixes, list | tuple) and prefixes and all(map(_is_int, prefixes))
+        ok = ok and prefixes[0] >= 1 and all(a < b for a, b in pairwise(prefixes))
+        if not ok or prefixes[-1] != self.num_latents:
+            raise UserError(
+                f"matryoshka_prefixes must be increasing whole numbers >= 1 ending at "
+                f"num_latents={self.num_latents}, got {prefixes!r}"
+            )
+        self.matryoshka_prefixes = list(prefixes)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,6 +199,9 @@ def check_shapes(source: str | Path, cfg: SAEConfig, shapes: dict[str, tuple[int
             )
 
 
+THRESHOLD_TENSORS = ("threshold", "threshold_steps")
+"""Tensors a ``batchtopk`` SAE saves beside its weights: its JumpReLU threshold (raw input
+scale; < 0: not estimated) and the number of batches that updated it."""
 CFG_KEY = "saetrain_cfg"
 """Key of the safetensors header entry holding a copy of cfg.json (see :meth:`SAE.save`)."""
 SAVING = ".saving"
@@ -185,10 +233,14 @@ class ForwardOutput(NamedTuple):
     Attributes:
         x_hat: (B, d_in) reconstruction, in the same space as the input.
         latent_acts: (B, k) values of the selected latents (>= 0), in the SAE's internal scale.
+            With ``activation: batchtopk``, (B, K) with K the largest row's L0, rows with fewer
+            latents padded with zero values.
         latent_indices: (B, k) indices of the selected latents.
         fvu: Scalar fraction of variance unexplained, sum|x - x_hat|^2 / sum|x - mean(x)|^2.
         auxk_loss: Scalar AuxK loss: how well the top ``k_aux`` dead latents reconstruct the
             residual ``x - x_hat``, normalised like ``fvu``; zero when no latent is dead.
+        recon_loss: Scalar reconstruction part of the training loss: ``fvu``, or with
+            ``matryoshka_prefixes`` the sum of each prefix's FVU (the last prefix's is ``fvu``).
     """
 
     x_hat: Tensor
@@ -196,6 +248,7 @@ class ForwardOutput(NamedTuple):
     latent_indices: Tensor
     fvu: Tensor
     auxk_loss: Tensor
+    recon_loss: Tensor
 
 
 def geometric_median(points: Tensor, iters: int = 100, eps: float = 1e-6) -> Tensor:
@@ -230,6 +283,12 @@ class SAE(nn.Module):
         # Multiplies raw activations before encoding; 1 means "no normalisation" (or folded).
         self.register_buffer("input_scale", torch.ones((), device=device))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=device))
+        if cfg.activation == "batchtopk":  # (Top-k SAEs keep the state dict they always had)
+            # The JumpReLU threshold in the internal scale; < 0 until estimated.
+            self.register_buffer("threshold", torch.full((), -1.0, device=device))
+            self.register_buffer(
+                "threshold_steps", torch.zeros((), dtype=torch.long, device=device)
+            )
 
     @property
     def device(self) -> torch.device:
@@ -300,6 +359,8 @@ class SAE(nn.Module):
 
     def _topk(self, xs: Tensor, dead_mask: Tensor | None) -> kernels.EncodeOutput:
         """Top-k (and, with ``dead_mask``, AuxK) selection for already scaled inputs ``xs``."""
+        if self.cfg.activation == "batchtopk":
+            return self._batchtopk(xs, dead_mask)
         return kernels.encode_topk(
             xs,
             self.W_enc,
@@ -309,6 +370,34 @@ class SAE(nn.Module):
             k_aux=self.cfg.k_aux if dead_mask is not None else 0,
             b_dec=self.b_dec,  # its gradient without a (B, d_in) gradient of xs
         )
+
+    @property
+    def uses_threshold(self) -> bool:
+        """Whether the forward is a JumpReLU at ``threshold``: a batchtopk SAE in eval mode
+        whose threshold was estimated (one host read)."""
+        batchtopk = self.cfg.activation == "batchtopk"
+        return batchtopk and not self.training and bool(self.threshold >= 0)
+
+    def _batchtopk(self, xs: Tensor, dead_mask: Tensor | None) -> kernels.EncodeOutput:
+        """BatchTopK while training (updating the threshold), JumpReLU at inference; torch ops
+        on dense (B, num_latents) pre-activations (see :mod:`saetrain.architectures`)."""
+        pre_acts = architectures.pre_activations(xs, self.W_enc, self.b_enc, self.b_dec)
+        if self.uses_threshold:
+            acts = architectures.jumprelu_dense(pre_acts, self.threshold)  # (B, N)
+        else:
+            acts, kept = architectures.batch_topk_dense(pre_acts, self.cfg.k)
+            if self.training:
+                cfg = self.cfg
+                architectures.update_threshold_(
+                    self.threshold,
+                    self.threshold_steps,
+                    kept,
+                    cfg.threshold_ema,
+                    cfg.threshold_start,
+                )
+        latent_acts, latent_indices = architectures.sparse_rows(acts)  # (B, K)
+        aux = architectures.aux_topk(pre_acts, dead_mask, self.cfg.k_aux)
+        return kernels.EncodeOutput(latent_acts, latent_indices, *aux)
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
         """Encode, decode and compute the losses for raw activations ``x`` (B, d_in).
@@ -332,7 +421,17 @@ class SAE(nn.Module):
         x_hat, fvu, auxk_loss = kernels.sae_losses(
             xs, decoded, self.b_dec, self.input_scale, err_hat
         )
-        return ForwardOutput(x_hat, enc.latent_acts, enc.latent_indices, fvu, auxk_loss)
+        recon_loss = fvu
+        if self.cfg.matryoshka_prefixes:  # the last prefix (all latents) is fvu itself
+            inner = self.cfg.matryoshka_prefixes[:-1]
+            if inner:
+                recon_loss = (
+                    fvu
+                    + architectures.prefix_fvus(
+                        xs, enc.latent_acts, enc.latent_indices, self.W_dec, self.b_dec, inner
+                    ).sum()
+                )
+        return ForwardOutput(x_hat, enc.latent_acts, enc.latent_indices, fvu, auxk_loss, recon_loss)
 
     @torch.no_grad()
     def remove_parallel_grad(self) -> None:
@@ -365,12 +464,17 @@ class SAE(nn.Module):
         keeps unit-norm rows.
         """
         s = self.input_scale.float()
-        return {
+        state = {
             "W_enc": self.W_enc.detach().clone().contiguous(),
             "b_enc": (self.b_enc.detach() / s).to(self.dtype).contiguous(),
             "W_dec": self.W_dec.detach().clone().contiguous(),
             "b_dec": (self.b_dec.detach() / s).to(self.dtype).contiguous(),
         }
+        if self.cfg.activation == "batchtopk":  # a JumpReLU threshold scales like the latents
+            t = self.threshold.detach().float()
+            state["threshold"] = torch.where(t >= 0, t / s, t).contiguous()
+            state["threshold_steps"] = self.threshold_steps.detach().clone()
+        return state
 
     def save(self, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
         """Write ``cfg.json`` and ``sae.safetensors`` into the folder ``path`` (atomically)."""
@@ -383,6 +487,9 @@ class SAE(nn.Module):
         cfg["format_version"] = 1
         cfg["normalization_folded"] = True
         cfg["dtype"] = str(self.dtype).removeprefix("torch.")
+        if self.cfg.activation == "batchtopk":  # for readers; the weights file's tensor is used
+            folded = self.folded_state_dict()["threshold"]
+            cfg["threshold"] = float(folded) if folded >= 0 else None
         # The weights file carries its own copy of cfg.json: the two files are renamed into
         # place one after the other, and a kill between the renames must not pair new weights
         # with an old config (load trusts the weights' copy when a save marker is left and they
@@ -424,7 +531,8 @@ class SAE(nn.Module):
             cfg = config_from(path / SAE_CONFIG, raw)
             shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
             check_shapes(path / SAE_WEIGHTS, cfg, shapes)
-            state = {k: f.get_tensor(k) for k in expected_shapes(cfg)}
+            names = [*expected_shapes(cfg), *THRESHOLD_TENSORS]
+            state = {k: f.get_tensor(k) for k in names if k in shapes}
         return cls.from_tensors(cfg, state, device=device)
 
     @classmethod
@@ -443,6 +551,10 @@ class SAE(nn.Module):
         state = {k: tensors[k].to(device, dtype).contiguous() for k in expected_shapes(cfg)}
         state["input_scale"] = torch.tensor(float(input_scale), device=device)
         state["initialized"] = torch.ones((), dtype=torch.bool, device=device)
+        if cfg.activation == "batchtopk":  # not estimated when the tensors lack it
+            for name, default in (("threshold", -1.0), ("threshold_steps", 0)):
+                value = tensors.get(name, torch.tensor(default))
+                state[name] = value.to(device).reshape(()).clone()
         sae.load_state_dict(state, assign=True)
         return sae.eval()
 
