@@ -519,15 +519,15 @@ class SAE(nn.Module):
         # anything is allocated: a cfg.json saying num_latents 1e12 must not start allocating.
         raw = read_sae_config(path / SAE_CONFIG)
         with open_safetensors(path / SAE_WEIGHTS) as f:
-            own = (f.metadata() or {}).get(CFG_KEY)
-            torn = (path / SAVING).exists() and own is not None and json.loads(own) != raw
-            if torn:
+            own = (f.metadata() or {}).get(CFG_KEY) if (path / SAVING).exists() else None
+            own = json.loads(own) if own is not None else None
+            if own is not None and own != raw:  # a torn save: the weights' copy is theirs
                 warnings.warn(
                     f"{path / SAE_CONFIG} is not the config {path / SAE_WEIGHTS} was saved with "
                     "(a save was interrupted between its two files): using the weights' own copy",
                     stacklevel=2,
                 )
-                raw = json.loads(own)
+                raw = own
             cfg = config_from(path / SAE_CONFIG, raw)
             shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
             check_shapes(path / SAE_WEIGHTS, cfg, shapes)
