@@ -42,7 +42,9 @@ def batch_topk_dense(pre_acts: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def jumprelu_dense(pre_acts: Tensor, threshold: Tensor) -> Tensor:
-    """(B, N) JumpReLU: each pre-activation where it is above ``threshold`` (>= 0), else 0."""
+    """(B, N) JumpReLU: each pre-activation where it is above ``threshold`` (>= 0; () or (N,)),
+    else 0. SAELens' ``JumpReLUSAE.encode`` computes relu(pre) * (pre > threshold), the same
+    for any threshold >= 0 (at 0 both are relu), so an export needs no conversion."""
     return pre_acts * (pre_acts > threshold)
 
 

@@ -36,6 +36,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .data.datamodule import ActivationDataModule
 from .errors import UserError
+from .evals.validation import LMValidation
 from .module import SAEModule
 from .progress import PlainProgress, stdout_is_terminal
 from .runs import (
@@ -89,10 +90,13 @@ class ExportSAE(Callback):
             return
         # Sharded SAEs (fsdp2) are assembled by every rank together, then written by rank 0.
         saes = [t.sae.gathered() for t in pl_module.trained]
+        dm = trainer.datamodule
+        read = dm.documents_read() if hasattr(dm, "documents_read") else None  # every rank
         if not trainer.is_global_zero:
             return
-        dm = trainer.datamodule
         meta = dm.metadata() if hasattr(dm, "metadata") else {}
+        if read is not None:  # `evaluate` skips them for held-out text
+            meta["documents_read"] = read
         layers = getattr(dm, "layers", [meta.get("layer")])
         meta.update(tokens_seen=int(pl_module.tokens_seen), steps=int(trainer.global_step))
         several = len(pl_module.trained) > 1
@@ -223,6 +227,14 @@ class SAETrainCLI(LightningCLI):
             help="When stdout is not a terminal (a log file), print a plain progress line every "
             "this many seconds of training instead of a progress bar; 0: every step; null: none.",
         )
+        parser.add_argument(
+            "--val_lm_sequences",
+            type=int,
+            default=4,
+            help="Held-out sequences on which each validation splices the SAE into the LM and "
+            "logs val/loss_recovered, val/kl and val/delta_loss (saetrain.evals.validation); 0: "
+            "off. Needs the live LM (not data.cache).",
+        )
         parser.link_arguments("data.d_in", "model.d_in", apply_on="instantiate")
         parser.link_arguments("data.hookpoints", "model.hookpoints", apply_on="instantiate")
 
@@ -292,6 +304,8 @@ class SAETrainCLI(LightningCLI):
                 f"{run_dir} already holds a run: pick another --run_name, resume it with "
                 "--resume auto, or pass --overwrite true to replace it"
             )
+        if cfg.get("val_lm_sequences", 0) < 0:
+            raise UserError(f"--val_lm_sequences must be >= 0, got {cfg.val_lm_sequences}")
         if self.subcommand == "fit" and cfg.checkpoint_every < 1:
             raise UserError(f"--checkpoint_every must be >= 1, got {cfg.checkpoint_every}")
         self._folder = None
@@ -322,6 +336,8 @@ class SAETrainCLI(LightningCLI):
             callbacks.append(self._folder)
             callbacks.append(SaveOnSigterm(run_dir / "lightning" / "last.ckpt"))
             callbacks.append(LogDataStats())
+        if self.subcommand in ("fit", "validate") and cfg.val_lm_sequences > 0:
+            callbacks.append(LMValidation(cfg.val_lm_sequences))
         # A log file gets plain lines (saetrain/progress.py), not a bar's carriage returns.
         terminal = stdout_is_terminal()
         if not terminal and trainer_cfg.get("enable_progress_bar") is None:
@@ -396,6 +412,7 @@ commands:
   steer      answer one prompt with and without steering, side by side (--sae DIR --features [ID])
   eval-refusal  refusal rates on unsafe/safe prompts for a sweep of strengths, with plots
   eval-capability  lm-eval scores (MMLU, GSM8K, TruthfulQA) and loss under each strength
+  evaluate   FVU, L0, loss recovered and KL of SAEs spliced into their LM (--sae DIR)
   tune-kernels  time the Triton kernels' alternatives on this GPU; `fit` uses the fastest
 
 Run `python -m saetrain COMMAND --help` for a command's options. A problem with the input
@@ -417,6 +434,7 @@ COMMANDS = {
     "eval-capability": lambda a: __import__(
         "saetrain.steering", fromlist=["_"]
     ).run_eval_capability(a),
+    "evaluate": lambda a: __import__("saetrain.evals.evaluate", fromlist=["_"]).run_evaluate(a),
     "tune-kernels": lambda a: __import__("saetrain.tuning", fromlist=["_"]).run_tune(a),
 }
 

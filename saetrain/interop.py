@@ -6,14 +6,16 @@
 Formats (every export takes raw activations: the input scale is folded into the weights):
 
 - ``saetrain``: ``cfg.json`` + ``sae.safetensors`` (:meth:`SAE.save`).
-- ``saelens`` (SAELens >= 6, ``SAE.load_from_disk``): ``cfg.json`` with ``architecture: "topk"``,
-  ``d_in``, ``d_sae``, ``k`` and ``metadata`` (model_name, hook_name ``blocks.L.hook_resid_post``,
-  ``saetrain``: our config), + ``sae_weights.safetensors`` with W_enc (d_in, d_sae),
-  b_enc (d_sae,), W_dec (d_sae, d_in), b_dec (d_in,).
+- ``saelens`` (SAELens >= 6, ``SAE.load_from_disk``): ``cfg.json`` with ``architecture: "topk"``
+  (a BatchTopK SAE: ``"jumprelu"``), ``d_in``, ``d_sae``, ``k`` and ``metadata`` (model_name,
+  hook_name ``blocks.L.hook_resid_post``, Matryoshka widths, ``saetrain``: our config), +
+  ``sae_weights.safetensors`` with W_enc (d_in, d_sae), b_enc (d_sae,), W_dec (d_sae, d_in),
+  b_dec (d_in,) and a JumpReLU's threshold (d_sae,); see :mod:`saetrain.interop_saelens`.
 - ``sparsify`` (``SparseCoder.load_from_disk`` / ``load_many``): ``<out>/<hookpoint>/cfg.json``
   with its SparseCoderConfig fields + ``d_in``, and ``sae.safetensors`` with encoder.weight
   (num_latents, d_in), encoder.bias, W_dec (num_latents, d_in), b_dec (our config in its
   header); beside the hookpoint folder a ``config.json`` with the model, as its trainer writes.
+  Top-k SAEs only: sparsify has no JumpReLU for a BatchTopK SAE's threshold.
 
 Loading reads weights from safetensors only, or from Lightning ``.ckpt`` files with
 ``torch.load(weights_only=True)``: a pickle that would run code is refused.
@@ -32,32 +34,18 @@ from typing import Any, Literal
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
-from torch import Tensor
 
 from .errors import UserError
 from .files import check_out_dir, read_json, staged_dir
-from .sae import (
-    SAE,
-    SAE_CONFIG,
-    SAE_WEIGHTS,
-    SAEConfig,
-    check_shapes,
-    config_from,
-    open_safetensors,
-    read_sae_config,
-)
+from .interop_saelens import SAELENS_WEIGHTS, layer_of
+from .interop_saelens import assemble as _assemble
+from .interop_saelens import peer_config as _config
+from .interop_saelens import read_saelens as _read_saelens
+from .interop_saelens import write_saelens as _write_saelens
+from .sae import SAE, SAE_CONFIG, SAE_WEIGHTS, SAEConfig, open_safetensors, read_sae_config
 
 Format = Literal["saetrain", "saelens", "sparsify"]
 FORMATS: tuple[Format, ...] = ("saetrain", "saelens", "sparsify")
-SAELENS_WEIGHTS = "sae_weights.safetensors"
-# The oldest SAELens whose loader reads this cfg.json layout; older layouts are converted by it.
-SAELENS_FORMAT_VERSION = "6.0.0"
-
-
-def layer_of(hook: str | None) -> int | None:
-    """Layer L of ``layers.L`` / ``model.layers.L`` / ``h.L`` or ``blocks.L.hook_resid_post``."""
-    m = re.fullmatch(r"(?:.*\.)?(?:layers|h)[._](\d+)|blocks\.(\d+)\.hook_resid_post", hook or "")
-    return int(m.group(1) or m.group(2)) if m else None
 
 
 def _hookpoint(sae: SAE, override: str | None = None) -> str | None:
@@ -67,40 +55,6 @@ def _hookpoint(sae: SAE, override: str | None = None) -> str | None:
 
 
 # --- writing -------------------------------------------------------------------------------------
-
-
-def _write_saelens(sae: SAE, path: Path, hookpoint: str | None) -> None:
-    w = sae.folded_state_dict()
-    layer = layer_of(hookpoint)
-    extra = sae.cfg.extra
-    data = extra.get("data") if isinstance(extra.get("data"), dict) else {}
-    metadata = {
-        "sae_lens_version": SAELENS_FORMAT_VERSION,
-        "sae_lens_training_version": None,
-        "model_name": extra.get("model"),
-        "hook_name": f"blocks.{layer}.hook_resid_post" if layer is not None else hookpoint,
-        "hook_head_index": None,
-        "context_size": extra.get("ctx_len"),
-        "dataset_path": data.get("path"),
-        "exclude_special_tokens": extra.get("exclude_special_tokens"),
-        "saetrain": {**sae.cfg.to_dict(), "extra": {**extra, "hookpoint": hookpoint}},
-    }
-    cfg = {
-        "architecture": "topk",
-        "d_in": sae.cfg.d_in,
-        "d_sae": sae.cfg.num_latents,
-        "k": sae.cfg.k,
-        "dtype": str(sae.dtype).removeprefix("torch."),
-        "device": "cpu",
-        "apply_b_dec_to_input": True,
-        "normalize_activations": "none",
-        "reshape_activations": "none",
-        "rescale_acts_by_decoder_norm": False,  # our decoder rows are already unit-norm
-        "metadata": {k: v for k, v in metadata.items() if v is not None or k.startswith("sae_")},
-    }
-    tensors = {"W_enc": w["W_enc"].T.contiguous(), "b_enc": w["b_enc"]}
-    save_file({**tensors, "W_dec": w["W_dec"], "b_dec": w["b_dec"]}, str(path / SAELENS_WEIGHTS))
-    (path / SAE_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def _write_sparsify(sae: SAE, root: Path, hookpoint: str | None) -> None:
@@ -153,10 +107,16 @@ def export_sae(
     """
     if format not in FORMATS:
         raise UserError(f"unknown format {format!r}: choose one of {', '.join(FORMATS)}")
-    if format != "saetrain" and sae.cfg.activation != "topk":  # not silently a Top-k SAE
+    if sae.cfg.activation == "batchtopk" and format == "sparsify":  # not silently a Top-k SAE
         raise UserError(
-            f"a {sae.cfg.activation} SAE cannot be exported as {format} yet (its JumpReLU "
-            "threshold has no place in that format's Top-k layout): export it as saetrain"
+            "sparsify has no JumpReLU to hold a batchtopk SAE's threshold: export it as "
+            "saelens (a JumpReLU SAE) or saetrain"
+        )
+    if sae.cfg.activation == "batchtopk" and format == "saelens" and not sae_threshold_set(sae):
+        raise UserError(
+            "this batchtopk SAE's JumpReLU threshold is not estimated yet (the estimate starts "
+            f"after threshold_start={sae.cfg.threshold_start} training batches): train it "
+            "longer, or export it as saetrain"
         )
     out = Path(out)
     with staged_dir(out, overwrite, option="--out", flag="--overwrite") as tmp:
@@ -170,97 +130,12 @@ def export_sae(
     return out
 
 
+def sae_threshold_set(sae: SAE) -> bool:
+    """Whether a batchtopk SAE's JumpReLU threshold was estimated (one host read)."""
+    return bool((sae.threshold >= 0).all())
+
+
 # --- reading -------------------------------------------------------------------------------------
-
-
-def _assemble(
-    source: Path, cfg: SAEConfig, tensors: dict[str, Tensor], input_scale: float, device: Any
-) -> SAE:
-    """An SAE from (num_latents, d_in)-layout tensors, checked against ``cfg``."""
-    check_shapes(source, cfg, {k: tuple(v.shape) for k, v in tensors.items()})
-    return SAE.from_tensors(cfg, tensors, input_scale=input_scale, device=device)
-
-
-def _config(source: Path, saved: dict | None, extra: dict, **shape: Any) -> SAEConfig:
-    """Our config: the one we stored in the peer's file if any, with the peer's shape fields
-    (errors name ``source``, the file they came from)."""
-    saved = saved if isinstance(saved, dict) else {}
-    base = {**saved, **shape}
-    base["extra"] = {**(saved.get("extra") or {}), **extra}
-    base.setdefault("normalize_activations", False)
-    return config_from(source, base)
-
-
-def _read_saelens(path: Path, device: Any) -> SAE:
-    cfg = read_sae_config(path / SAE_CONFIG)
-    meta = dict(cfg.get("metadata") or {})
-    version = str(cfg.get("sae_lens_version") or meta.get("sae_lens_version") or "0")
-    if int(re.match(r"\d*", version).group(0) or 0) < 6:
-        # SAELens < 6 layout (converted the same way by its loader): hook_point, metadata at
-        # the top level, activation_fn_str "topk" with activation_fn_kwargs {"k": ...}.
-        meta = {**cfg, **meta, "hook_name": cfg.get("hook_name") or cfg.get("hook_point")}
-        act = cfg.get("activation_fn_str") or cfg.get("activation_fn")
-        if act == "topk" and "k" in (cfg.get("activation_fn_kwargs") or {}):
-            cfg["architecture"], cfg["k"] = "topk", cfg["activation_fn_kwargs"]["k"]
-    arch = cfg.get("architecture", "standard")
-    if arch != "topk":
-        raise UserError(
-            f"{path} is a SAELens {arch!r} SAE; saetrain loads only Top-k SAEs "
-            "(architecture 'topk')"
-        )
-    if cfg.get("reshape_activations", "none") != "none":
-        raise UserError(
-            f"{path}: SAELens reshape_activations={cfg['reshape_activations']!r} "
-            "(attention hook_z SAEs) is not supported"
-        )
-    with open_safetensors(path / SAELENS_WEIGHTS) as f:
-        w = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-    if "scaling_factor" in w and not torch.all(w.pop("scaling_factor") == 1):
-        raise UserError(f"{path}: a SAELens finetuning scaling_factor is not supported")
-    missing = {"W_enc", "b_enc", "W_dec", "b_dec"} - set(w)
-    if missing:
-        raise UserError(f"{path / SAELENS_WEIGHTS} lacks {sorted(missing)}: not a Top-k SAE")
-    dtype = getattr(torch, str(cfg.get("dtype", "float32")).removeprefix("torch."))
-    w = {k: v.to(torch.float64) for k, v in w.items()}  # fold in float64, then cast
-    if not cfg.get("apply_b_dec_to_input", True):  # x @ W + b == (x - b_dec) @ W + (b + b_dec @ W)
-        w["b_enc"] = w["b_enc"] + w["b_dec"] @ w["W_enc"]
-    if cfg.get("rescale_acts_by_decoder_norm", False):
-        # Top-k of pre_acts * |W_dec row| and decoding of acts / |row|: fold the norms into
-        # the weights, as SAELens' _fold_norm_topk does when its trainer saves for inference.
-        norm = w["W_dec"].norm(dim=1).clamp_min(1e-8)  # (d_sae,)
-        w["W_enc"], w["b_enc"] = w["W_enc"] * norm, w["b_enc"] * norm
-        w["W_dec"] = w["W_dec"] / norm[:, None]
-    w["W_enc"] = w["W_enc"].T  # SAELens (d_in, d_sae) -> ours (num_latents, d_in)
-    input_scale = _saelens_input_scale(path, cfg.get("normalize_activations", "none"))
-    layer = layer_of(meta.get("hook_name"))
-    extra = {"model": meta.get("model_name"), "hook_name": meta.get("hook_name")}
-    if layer is not None:
-        extra.update(hookpoint=f"layers.{layer}", layer=layer)
-    extra = {k: v for k, v in extra.items() if v is not None}
-    shape = {"d_in": cfg.get("d_in"), "num_latents": cfg.get("d_sae"), "k": cfg.get("k", 100)}
-    if input_scale != 1.0:
-        shape["normalize_activations"] = True
-    extra["source_format"] = "saelens"
-    sae_cfg = _config(path / SAE_CONFIG, meta.get("saetrain"), extra, **shape)
-    return _assemble(path, sae_cfg, {k: v.to(dtype) for k, v in w.items()}, input_scale, device)
-
-
-def _saelens_input_scale(path: Path, mode: str | bool | None) -> float:
-    """SAELens' expected_average_only_in scale s, saved beside its training checkpoints."""
-    if mode in (None, False):  # SAELens < 6 wrote a bool
-        mode = "none"
-    elif mode is True:
-        mode = "expected_average_only_in"
-    if mode == "none":
-        return 1.0
-    scaler = path / "activation_scaler.json"
-    if mode == "expected_average_only_in" and scaler.is_file():
-        saved = read_json(scaler, "the SAELens scale", "restore it, or load the final export")
-        return float(saved.get("scaling_factor") or 1.0) if isinstance(saved, dict) else 1.0
-    raise UserError(
-        f"{path}: SAELens normalize_activations={mode!r} without a scale saetrain can fold in "
-        "(activation_scaler.json): load its final inference export, where the scale is folded"
-    )
 
 
 def _read_sparsify(path: Path, device: Any) -> SAE:

@@ -109,6 +109,8 @@ VARIANT_FIELDS = (
     "auxk_coef",
     "dead_tokens_threshold",
     "lr",
+    "activation",
+    "matryoshka_prefixes",
 )
 
 
@@ -213,8 +215,9 @@ class SAEModule(L.LightningModule):
         lr_decay: After warm-up: linear or cosine decay to zero at the last step, or constant.
         decay_start: Fraction of the run after which the decay starts.
         sae_variants: Several SAEs per hookpoint: a list of dicts, each overriding some of
-            num_latents, expansion_factor, k, k_aux, auxk_coef, dead_tokens_threshold, lr
-            (e.g. ``[{k: 32}, {k: 64, num_latents: 16384}]``). None: one SAE per hookpoint.
+            num_latents, expansion_factor, k, k_aux, auxk_coef, dead_tokens_threshold, lr,
+            activation, matryoshka_prefixes (e.g. ``[{k: 32}, {k: 64, num_latents: 16384}]``).
+            None: one SAE per hookpoint.
     """
 
     def __init__(
@@ -251,6 +254,11 @@ class SAEModule(L.LightningModule):
                     f"set: choose from {', '.join(VARIANT_FIELDS)}"
                 )
             check_settings(variant, f"model.sae_variants[{i}]")
+            if variant.get("activation", "topk") not in ("topk", "batchtopk"):
+                raise UserError(
+                    f"model.sae_variants[{i}].activation must be 'topk' or 'batchtopk', "
+                    f"got {variant['activation']!r}"
+                )
         if sae_variants is not None and not sae_variants:
             raise UserError("model.sae_variants is empty: list at least one, or leave it unset")
         self.save_hyperparameters()
@@ -262,12 +270,23 @@ class SAEModule(L.LightningModule):
 
     # ---------------------------------------------------------------- the SAEs
 
-    def variant_config(self, variant: dict) -> tuple[SAEConfig, float]:
-        """The SAE config and learning rate of one variant (the module's fields, overridden)."""
+    def variant_config(self, variant: dict, where: str = "") -> tuple[SAEConfig, float]:
+        """The SAE config and learning rate of one variant (the module's fields, overridden);
+        an error in the variant's own fields names it by ``where`` (``model.sae_variants[i]``)."""
         hp = {**self.hparams, **variant}
         if hp["d_in"] is None:
             raise UserError("model.d_in is unknown: it is linked from the data module's LM")
-        cfg = SAEConfig(
+        try:
+            cfg = self._sae_config(hp)
+        except UserError as e:  # e.g. matryoshka_prefixes that do not end at its num_latents
+            if not where:
+                raise
+            raise UserError(f"{where}: {e}") from None
+        return cfg, hp["lr"] or default_lr(cfg.num_latents)
+
+    @staticmethod
+    def _sae_config(hp: dict) -> SAEConfig:
+        return SAEConfig(
             d_in=hp["d_in"],
             num_latents=hp["num_latents"] or hp["expansion_factor"] * hp["d_in"],
             k=hp["k"],
@@ -281,7 +300,6 @@ class SAEModule(L.LightningModule):
             threshold_start=hp.get("threshold_start", 1000),
             matryoshka_prefixes=hp.get("matryoshka_prefixes"),
         )
-        return cfg, hp["lr"] or default_lr(cfg.num_latents)
 
     @property
     def sae_config(self) -> SAEConfig:
@@ -317,10 +335,13 @@ class SAEModule(L.LightningModule):
         for h, hookpoint in enumerate(hookpoints):
             for v, variant in enumerate(variants):
                 torch.set_rng_state(rng)
-                cfg, lr = self.variant_config(variant)
+                where = f"model.sae_variants[{v}]" if self.hparams.sae_variants else ""
+                cfg, lr = self.variant_config(variant, where)
                 name = hookpoint
                 if len(variants) > 1:
                     name = f"{hookpoint}/{cfg.num_latents}-k{cfg.k}"
+                    name += "" if cfg.activation == "topk" else f"-{cfg.activation}"
+                    name += "-matryoshka" if len(cfg.matryoshka_prefixes or []) > 1 else ""
                     if any(t.name == name for t in self.saes.values()):
                         name += f"-v{v}"
                 self.saes[f"{h}_{v}"] = TrainedSAE(cfg, hookpoint, h, name, lr)
@@ -408,6 +429,30 @@ class SAEModule(L.LightningModule):
                 t /= dist.get_world_size()
         return scale, b_dec
 
+    @torch.no_grad()
+    def _sync_thresholds(self) -> None:
+        """Average the batchtopk SAEs' JumpReLU thresholds over ranks (each rank estimates its
+        own from its own batches). The estimate is a moving average, linear in each batch's
+        value and updated at the same steps on every rank, so averaging where the threshold is
+        read (validation, checkpoints, the export at the end: the hooks below) gives what
+        averaging every step would, with no collective per step."""
+        ts = [t.sae.threshold for t in self.trained if t.sae.cfg.activation == "batchtopk"]
+        if not ts or not self._distributed():
+            return
+        flat = torch.cat([t.reshape(-1).float() for t in ts])  # one all-reduce for all SAEs
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= dist.get_world_size()
+        for t, mean in zip(ts, flat.split([t.numel() for t in ts]), strict=True):
+            t.copy_(mean.view_as(t))
+
+    def on_validation_epoch_start(self) -> None:
+        self._sync_thresholds()  # eval mode uses the threshold
+
+    def on_train_epoch_end(self) -> None:
+        # Before the callbacks' on_train_end (ExportSAE writes the SAEs there) and the
+        # ModelCheckpoint saves of the epoch's end.
+        self._sync_thresholds()
+
     def on_fit_start(self) -> None:
         # The kernel choices `python -m saetrain tune-kernels` stored for this GPU model (each
         # process sets its own; rank 0 says which).
@@ -432,7 +477,14 @@ class SAEModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Save the random generators too (Lightning does not), for an exact resume.
 
-        As tensors and plain values, so the checkpoint still loads with weights_only=True."""
+        As tensors and plain values, so the checkpoint still loads with weights_only=True.
+        Every rank takes part in a save (rank 0 writes), so the thresholds are averaged here
+        and the averages replace the state dict's copies (which may be copies, under FSDP2)."""
+        self._sync_thresholds()
+        state = checkpoint.get("state_dict") or {}
+        for name, buf in self.named_buffers():
+            if name.endswith("sae.threshold") and name in state:
+                state[name] = buf.detach().to(state[name].device, copy=True)
         name, keys, pos, has_gauss, gauss = np.random.get_state()
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),

@@ -16,7 +16,8 @@ after it. The sparse parts (top-k encoder backward, decode) and the losses run t
 
 ``activation: batchtopk`` (BatchTopK while training, a JumpReLU at its running threshold in
 eval mode) and ``matryoshka_prefixes`` (a loss summed over nested prefixes of latents) take the
-pure-torch path of :mod:`saetrain.architectures` (issue #22).
+pure-torch path of :mod:`saetrain.architectures` (issue #22). The threshold is one number when
+we estimated it, or one per latent when it came from a peer's JumpReLU SAE (SAELens).
 
 Under FSDP (``fully_shard``, as ``SAEModule`` applies it for ``--trainer.strategy fsdp2``) the
 parameters are row-sharded DTensors between steps: every rank holds whole rows of ``W_enc`` and
@@ -189,7 +190,8 @@ def expected_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
 
 def check_shapes(source: str | Path, cfg: SAEConfig, shapes: dict[str, tuple[int, ...]]) -> None:
     """A one-line error unless ``shapes`` (name -> shape, of the tensors in ``source``) are
-    those of an SAE of config ``cfg``: checked before anything of that size is allocated."""
+    those of an SAE of config ``cfg``: checked before anything of that size is allocated. A
+    ``threshold``, if present, is one number () or one per latent (num_latents,)."""
     for name, shape in expected_shapes(cfg).items():
         got = tuple(shapes[name]) if name in shapes else "missing"
         if got != shape:
@@ -197,11 +199,17 @@ def check_shapes(source: str | Path, cfg: SAEConfig, shapes: dict[str, tuple[int
                 f"{source}: tensor {name} has shape {got}, expected {shape} from its "
                 f"{SAE_CONFIG}; the files do not belong together"
             )
+    got = tuple(shapes.get("threshold", ()))
+    if got not in ((), (cfg.num_latents,)):
+        raise UserError(
+            f"{source}: tensor threshold has shape {got}, expected () or ({cfg.num_latents},) "
+            f"from its {SAE_CONFIG}; the files do not belong together"
+        )
 
 
 THRESHOLD_TENSORS = ("threshold", "threshold_steps")
 """Tensors a ``batchtopk`` SAE saves beside its weights: its JumpReLU threshold (raw input
-scale; < 0: not estimated) and the number of batches that updated it."""
+scale; () or (num_latents,); < 0: not estimated) and the number of batches that updated it."""
 CFG_KEY = "saetrain_cfg"
 """Key of the safetensors header entry holding a copy of cfg.json (see :meth:`SAE.save`)."""
 SAVING = ".saving"
@@ -284,7 +292,8 @@ class SAE(nn.Module):
         self.register_buffer("input_scale", torch.ones((), device=device))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=device))
         if cfg.activation == "batchtopk":  # (Top-k SAEs keep the state dict they always had)
-            # The JumpReLU threshold in the internal scale; < 0 until estimated.
+            # The JumpReLU threshold in the internal scale; < 0 until estimated. One number,
+            # or (num_latents,) once loaded from a peer's JumpReLU (see _shape_threshold).
             self.register_buffer("threshold", torch.full((), -1.0, device=device))
             self.register_buffer(
                 "threshold_steps", torch.zeros((), dtype=torch.long, device=device)
@@ -376,7 +385,15 @@ class SAE(nn.Module):
         """Whether the forward is a JumpReLU at ``threshold``: a batchtopk SAE in eval mode
         whose threshold was estimated (one host read)."""
         batchtopk = self.cfg.activation == "batchtopk"
-        return batchtopk and not self.training and bool(self.threshold >= 0)
+        return batchtopk and not self.training and bool((self.threshold >= 0).all())
+
+    def _shape_threshold(self, shape: tuple[int, ...]) -> None:
+        """Give the threshold buffer ``shape``, () or (num_latents,), before a state dict with
+        a threshold of that shape is loaded (its values are then the state dict's)."""
+        if tuple(self.threshold.shape) != tuple(shape):
+            old = self.threshold
+            new = torch.empty(shape, dtype=old.dtype, device=old.device)
+            self.register_buffer("threshold", new)
 
     def _batchtopk(self, xs: Tensor, dead_mask: Tensor | None) -> kernels.EncodeOutput:
         """BatchTopK while training (updating the threshold), JumpReLU at inference; torch ops
@@ -452,6 +469,8 @@ class SAE(nn.Module):
             return self
         whole = SAE(self.cfg, device="cpu").to(self.dtype)
         state = {name: _full(t).detach().cpu() for name, t in self.state_dict().items()}
+        if "threshold" in state:
+            whole._shape_threshold(tuple(state["threshold"].shape))
         whole.load_state_dict(state)
         return whole
 
@@ -489,7 +508,10 @@ class SAE(nn.Module):
         cfg["dtype"] = str(self.dtype).removeprefix("torch.")
         if self.cfg.activation == "batchtopk":  # for readers; the weights file's tensor is used
             folded = self.folded_state_dict()["threshold"]
-            cfg["threshold"] = float(folded) if folded >= 0 else None
+            # null: not estimated, or one per latent (a peer's JumpReLU), in the weights file.
+            one = folded.numel() == 1 and bool(folded >= 0)
+            cfg["threshold"] = float(folded) if one else None
+            cfg["threshold_per_latent"] = folded.dim() == 1
         # The weights file carries its own copy of cfg.json: the two files are renamed into
         # place one after the other, and a kill between the renames must not pair new weights
         # with an old config (load trusts the weights' copy when a save marker is left and they
@@ -554,7 +576,9 @@ class SAE(nn.Module):
         if cfg.activation == "batchtopk":  # not estimated when the tensors lack it
             for name, default in (("threshold", -1.0), ("threshold_steps", 0)):
                 value = tensors.get(name, torch.tensor(default))
-                state[name] = value.to(device).reshape(()).clone()
+                value = value.reshape(()) if value.numel() == 1 else value.reshape(-1)
+                state[name] = value.to(device).clone()
+            sae._shape_threshold(tuple(state["threshold"].shape))
         sae.load_state_dict(state, assign=True)
         return sae.eval()
 

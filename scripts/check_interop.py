@@ -6,6 +6,9 @@ Export: a random, data-initialised SAE of ours (input scale != 1, so the fold is
 written in each format and loaded with the library's own loader; its latents (dense, B x
 num_latents) and reconstructions are compared with ours on the same inputs. Import: SAEs saved
 by the libraries' own classes are read by ``saetrain.load_sae`` and compared the same way.
+Then issue #22's architectures, both ways with SAELens: our BatchTopK SAE as its JumpReLU, our
+Matryoshka Top-k and BatchTopK SAEs (widths restored on reading back), and SAELens' own
+JumpReLU, BatchTopK and Matryoshka BatchTopK SAEs read by us.
 Prints one line per check with the max abs differences; exits 1 if any exceeds 1e-5 (fp32).
 """
 
@@ -213,8 +216,127 @@ def main() -> int:
         why = " ".join(str(e).split())[:160]
         print(f"note SAELens' sparsify_disk_loader fails on sparsify's own files: {why}")
 
+    check_jumprelu_and_matryoshka(tmp, x)
+
     print("all checks passed" if not failures else f"FAILED: {failures}")
     return 1 if failures else 0
+
+
+def l0(outputs: tuple[torch.Tensor, torch.Tensor]) -> float:
+    return (outputs[0] > 0).sum(1).float().mean().item()
+
+
+def check(name: str, ok: bool, detail: str) -> None:
+    """A check that is not a comparison of outputs."""
+    if not ok:
+        failures.append(name)
+    print(f"{'ok  ' if ok else 'FAIL'} {name:56s} {detail}")
+
+
+def batchtopk_sae(x: torch.Tensor, prefixes: list[int] | None = None) -> SAE:
+    """Ours with activation batchtopk, its threshold estimated on a few training-mode batches."""
+    meta = {"model": "HuggingFaceTB/SmolLM2-135M", "hookpoint": "layers.5", "layer": 5}
+    cfg = SAEConfig(d_in=D_IN, num_latents=N, k=K, activation="batchtopk", extra=meta)
+    cfg.threshold_start, cfg.threshold_ema, cfg.matryoshka_prefixes = 0, 0.5, prefixes
+    sae = SAE(cfg)
+    sae.init_from_data(x)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.W_enc.add_(0.05 * torch.randn_like(sae.W_enc))
+        sae.train()
+        for _ in range(8):
+            sae(x[torch.randperm(B)[: B // 2]])
+    return sae.eval()
+
+
+def check_jumprelu_and_matryoshka(tmp: Path, x: torch.Tensor) -> None:
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+    from sae_lens.saes.matryoshka_batchtopk_sae import (
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
+    )
+
+    # --- export: ours -> SAELens, as JumpReLU (BatchTopK) and with Matryoshka widths ---------
+    torch.manual_seed(3)
+    sae = batchtopk_sae(x)
+    ref = ours(sae, x)
+    path = export_sae(sae, tmp / "sl_jumprelu", "saelens")
+    theirs = sae_lens.SAE.load_from_disk(str(path))
+    print(
+        f"     SAELens loaded {type(theirs).__name__}; our k={K}, L0 at the threshold {l0(ref):.2f}"
+    )
+    check("ours batchtopk -> SAELens is a JumpReLUSAE", isinstance(theirs, JumpReLUSAE), "")
+    report("ours batchtopk -> SAELens JumpReLU load_from_disk", saelens_outputs(theirs, x), ref)
+    back = load_sae(path)
+    report("ours batchtopk -> SAELens JumpReLU -> saetrain.load_sae", ours(back, x), ref)
+    folded = sae.threshold / sae.input_scale  # the threshold of raw activations
+    check(
+        "  ... loads back a batchtopk SAE at its threshold",
+        back.cfg.activation == "batchtopk" and back.uses_threshold,
+        f"threshold {float(back.threshold):.4f} (ours / scale {float(folded):.4f})",
+    )
+
+    torch.manual_seed(4)
+    widths = [48, 128, N]
+    topk = SAE(SAEConfig(d_in=D_IN, num_latents=N, k=K, matryoshka_prefixes=widths))
+    topk.init_from_data(x)
+    for name, m in (("topk", topk), ("batchtopk", batchtopk_sae(x, widths))):
+        path = export_sae(m, tmp / f"sl_matryoshka_{name}", "saelens")
+        theirs = sae_lens.SAE.load_from_disk(str(path))
+        tag = f"ours matryoshka {name} -> SAELens {type(theirs).__name__}"
+        report(tag, saelens_outputs(theirs, x), ours(m, x))
+        back = load_sae(path)
+        report(f"ours matryoshka {name} -> SAELens -> saetrain.load_sae", ours(back, x), ours(m, x))
+        meta = theirs.cfg.metadata.training_architecture_details
+        check(
+            "  ... widths in SAELens' metadata, prefixes restored",
+            meta["matryoshka_widths"] == widths and back.cfg.matryoshka_prefixes == widths,
+            f"{theirs.cfg.metadata.training_architecture}: {meta}",
+        )
+
+    # --- import: SAELens' JumpReLU, BatchTopK and Matryoshka BatchTopK -> saetrain.load_sae ---
+    torch.manual_seed(5)
+    jump = JumpReLUSAE(JumpReLUSAEConfig(d_in=D_IN, d_sae=N, apply_b_dec_to_input=False))
+    rand_(jump)
+    with torch.no_grad():  # one threshold per latent, some <= 0 (then it acts as relu)
+        jump.threshold.uniform_(0.5, 1.5)
+        jump.threshold[:16] = torch.linspace(-0.2, 0.0, 16)
+    jump.save_model(str(tmp / "sl_peer_jumprelu"))
+    want = saelens_outputs(jump, x)
+    got = ours(load_sae(tmp / "sl_peer_jumprelu"), x)
+    report(f"SAELens JumpReLUSAE.save_model -> ours (L0 {l0(want):.1f})", got, want)
+
+    peers = [
+        ("BatchTopK", BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, {}),
+        (
+            "MatryoshkaBatchTopK",
+            MatryoshkaBatchTopKTrainingSAE,
+            MatryoshkaBatchTopKTrainingSAEConfig,
+            {"matryoshka_widths": widths},
+        ),
+    ]
+    for name, cls, cfg_cls, more in peers:
+        peer = cls(cfg_cls(d_in=D_IN, d_sae=N, k=K, rescale_acts_by_decoder_norm=True, **more))
+        rand_(peer)
+        with torch.no_grad():  # a threshold as its training leaves it: kept values' lower end
+            acts = peer.encode(x)
+            peer.topk_threshold = acts[acts > 0].quantile(0.2).double()
+        peer.save_inference_model(str(tmp / f"sl_peer_{name}"))
+        inference = sae_lens.SAE.load_from_disk(str(tmp / f"sl_peer_{name}"))
+        want = saelens_outputs(inference, x)
+        loaded = load_sae(tmp / f"sl_peer_{name}")
+        report(
+            f"SAELens {name} save_inference_model -> ours (L0 {l0(want):.1f})",
+            ours(loaded, x),
+            want,
+        )
+        if more:
+            check(
+                "  ... matryoshka_widths -> our matryoshka_prefixes",
+                loaded.cfg.matryoshka_prefixes == widths,
+                f"{loaded.cfg.matryoshka_prefixes}",
+            )
 
 
 def rand_(sae) -> None:

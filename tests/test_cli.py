@@ -46,6 +46,19 @@ def test_fit_writes_the_export_checkpoints_config_and_tensorboard_logs(trained_r
     extra = cfg["extra"]
     assert extra["hookpoint"] == "layers.1" and extra["tokens_seen"] == 40 * 128
     assert extra["data"]["path"].endswith("chat.jsonl")
+    # Past this many documents of the corpus lies text the SAE never saw (evaluate skips them).
+    assert 20 < extra["documents_read"] < 300
+
+
+def test_fit_validation_logs_loss_recovered_and_kl_in_the_lm(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(trained_run))
+    events.Reload()
+    recovered = [e.value for e in events.Scalars("val/loss_recovered")]
+    kl = [e.value for e in events.Scalars("val/kl")]
+    assert len(recovered) == 2 and len(kl) == 2 and all(v >= 0 for v in kl)
+    assert len(events.Scalars("val/delta_loss")) == 2
 
 
 def test_fit_lowers_fvu(trained_run):

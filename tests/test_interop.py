@@ -198,10 +198,12 @@ def test_unsupported_peer_saes_are_refused_with_the_reason(tmp_path):
         load_sae(tmp_path / "sp")
     export_sae(make_sae(), tmp_path / "sl", "saelens")
     cfg_path = tmp_path / "sl" / "cfg.json"
-    cfg_path.write_text(
-        json.dumps({**json.loads(cfg_path.read_text()), "architecture": "jumprelu"})
-    )
-    with pytest.raises(ValueError, match="SAELens 'jumprelu' SAE; saetrain loads only Top-k"):
+    saved = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**saved, "architecture": "gated"}))
+    with pytest.raises(ValueError, match="SAELens 'gated' SAE; saetrain loads only Top-k and Ju"):
+        load_sae(cfg_path.parent)
+    cfg_path.write_text(json.dumps({**saved, "architecture": "jumprelu"}))
+    with pytest.raises(ValueError, match=r"lacks \['threshold'\]: not a SAELens jumprelu SAE"):
         load_sae(cfg_path.parent)
 
 

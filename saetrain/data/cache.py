@@ -460,9 +460,15 @@ def run_cache(args: list[str]) -> None:
     val = torch.cat(dm.val_batches()) if dm.hparams.val_documents > 0 else None
     manifest = {**dm.metadata(), "seed": dm.hparams.seed}
     manifest.update(seed_everything=config.get("seed_everything"), data_module=dict(dm.hparams))
+
+    def chunks():  # the manifest records the documents read, for `evaluate` (issue #22)
+        for chunk in dm.train_chunks():
+            manifest["documents_read"] = dm.documents_read()
+            yield chunk
+
     path = write_cache(
         out,
-        dm.train_chunks(),
+        chunks(),
         manifest=manifest,
         shard_tokens=opts.shard_tokens,
         val=val,

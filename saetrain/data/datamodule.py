@@ -210,8 +210,14 @@ class ActivationDataModule(L.LightningDataModule):
     def metadata(self) -> dict:
         """Where the activations come from, for the exported ``cfg.json``."""
         if self.manifest is not None:
-            keep = ("model", "hookpoint", "layer", "ctx_len", "lm_dtype", "data")
-            return {**{k: self.manifest.get(k) for k in keep}, "cache": self.hparams.cache}
+            keep = ("model", "hookpoint", "layer", "ctx_len", "lm_dtype", "data", "documents_read")
+            written = self.manifest.get("data_module") or {}  # the exclusions it applied
+            rules = ("exclude_special_tokens", "exclude_first_position", "outlier_multiple")
+            return {
+                **{k: self.manifest.get(k) for k in keep},
+                **{k: written[k] for k in rules if k in written},
+                "cache": self.hparams.cache,
+            }
         return {
             "model": self.model_name,
             "hookpoint": self.hookpoint,
@@ -249,7 +255,7 @@ class ActivationDataModule(L.LightningDataModule):
         """A fresh training stream of this rank (see :class:`~saetrain.data.stream.TrainStream`)."""
         assert self.producer is not None, "call setup() first"
         hp = self.hparams
-        start = self._resume_start()
+        start = self._docs_start = self._resume_start()
         return TrainStream(
             lambda skip: self.rank_documents(skip, start),
             self.tokenizer,
@@ -267,9 +273,29 @@ class ActivationDataModule(L.LightningDataModule):
         """Training activations in stream order, one (N_i, d_in) chunk per LM batch, before
         the activation shuffle: this rank's documents (after the held-out ones, through the
         document shuffle buffer when set) -> packed sequences -> LM -> kept activations."""
-        stream = self.make_stream()
+        stream = self._stream = self.make_stream()  # documents_read() counts its documents
         while (chunk := stream.next_chunk()) is not None:
             yield chunk
+
+    def documents_read(self) -> int | None:
+        """Source documents (counted from the first, held-out ones included) that lie before
+        every document training has not read: a held-out evaluation skips this many (issue
+        #22). With several ranks every rank must call it (one all-reduce). None when unknown."""
+        if self.manifest is not None:  # the cache counted the documents it read
+            return self.manifest.get("documents_read")
+        if not isinstance(self._stream, TrainStream):
+            return None
+        # Rank r reads training documents start + r + i * world_size for i < its docs_read;
+        # the held-out documents are taken out of the first val_documents * val_every.
+        most = torch.tensor(self._stream.docs_read)
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            most = most.to(self.trainer.strategy.root_device if self.trainer else "cpu")
+            torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        return (
+            getattr(self, "_docs_start", 0)
+            + int(most) * self.world_size
+            + self.hparams.val_documents
+        )
 
     def make_reader(self) -> CacheReader:
         """This rank's reader of the activation cache (its shards, shuffled)."""

@@ -9,21 +9,25 @@ Add it to a fit recipe (or ``--trainer.callbacks+=saetrain.steering.callback.Ste
         - class_path: saetrain.steering.callback.SteeringEvalCallback
           init_args: {every_n_steps: 200, sequences: 8}
 
-Logged to TensorBoard (``pl_module.log``, rank zero only):
+Logged to TensorBoard (``pl_module.log``, rank zero only), by :func:`saetrain.evals.quality.measure`
+(the implementation behind ``evaluate`` and ``fit``'s ``val/loss_recovered``) over the tokens
+the SAE trains on:
 
-- ``lm/loss_clean``, ``lm/loss_spliced``, ``lm/loss_zero_ablation``: mean next-token loss (nats)
-  of the unchanged LM, with the hooked layer's output replaced by the SAE's reconstruction, and
-  with it replaced by zeros;
+- ``lm/loss_clean``, ``lm/loss_spliced``, ``lm/loss_zero_ablation``, ``lm/loss_mean_ablation``:
+  mean next-token loss (nats) of the unchanged LM, with the hooked layer's output replaced by the
+  SAE's reconstruction, by zeros, and by its mean;
 - ``lm/loss_recovered`` = (zero - spliced) / (zero - clean): 1 when splicing costs nothing;
+  ``lm/kl``: KL(clean || spliced) of the next-token distributions;
 - with ``features`` and prompt sets: ``steering/refusal_unsafe`` / ``steering/refusal_safe``
   (keyword judge, greedy replies under ``op``/``strength``) and ``..._baseline`` (unsteered,
   generated once: the LM does not change).
 
 Only the tokens the SAE trains on are replaced (the data module's exclusions: special tokens,
-position 0, massive activations); the others keep their clean activations, since the SAE never
-learnt them. The held-out sequences are the first ones packed from the data module's validation
-documents. The hooks are removed after each measurement and the RNG state is restored, so
-training is the same with or without this callback.
+position 0, massive activations) and only the predictions at their positions count; the others
+keep their clean activations, since the SAE never learnt them. The held-out sequences are the
+first ones packed from the data module's validation documents. The hooks are removed after
+each measurement and the RNG state is restored, so training is the same with or without this
+callback. (It imports :mod:`saetrain.evals` on use; the redesign of issue #23 moves it there.)
 """  # noqa: E501
 
 from __future__ import annotations
@@ -33,54 +37,12 @@ import itertools
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..data.activations import pack_documents
-from ..data.lm import decoder_layers
 from ..errors import UserError
-from .hooks import Intervention, Op, usable_tokens
+from .hooks import Intervention, Op
 from .prompts import PromptSet, load_prompts
-
-
-@torch.no_grad()
-def splice_losses(
-    model: nn.Module, sae, input_ids: Tensor, layer: int, *, keep=None
-) -> dict[str, float]:
-    """Mean next-token loss of ``input_ids`` (B, T): clean, with layer ``layer``'s output replaced
-    by ``sae``'s reconstruction, and by zeros, where ``keep(input_ids, h)`` (B, T) is true (every
-    token when ``keep`` is None)."""
-    block = decoder_layers(model)[layer]
-    state: dict = {"mode": "clean", "mask": None}
-
-    def hook(_module, _args, output):
-        h = output[0] if isinstance(output, tuple) else output  # (B, T, d)
-        if state["mode"] == "clean":
-            state["mask"] = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
-            if keep is not None:
-                state["mask"] = keep(input_ids, h)
-            return output
-        if state["mode"] == "spliced":
-            x = h.reshape(-1, h.shape[-1]).to(sae.device, sae.dtype)
-            new = sae.decode(*sae.encode(x)[:2]).to(h.device, h.dtype).view_as(h)
-        else:
-            new = torch.zeros_like(h)
-        new = torch.where(state["mask"].unsqueeze(-1), new, h)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
-
-    handle = block.register_forward_hook(hook)
-    losses = {}
-    try:
-        for mode in ("clean", "spliced", "zero_ablation"):
-            state["mode"] = mode
-            logits = model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
-            losses[mode] = float(
-                torch.nn.functional.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten()
-                )
-            )
-    finally:
-        handle.remove()
-    return losses
 
 
 def _refusal_rate(dm, prompts, **kwargs) -> float:
@@ -91,12 +53,6 @@ def _refusal_rate(dm, prompts, **kwargs) -> float:
     gens = generate(dm.lm, dm.tokenizer, prompts, **kwargs)
     verdicts = KeywordJudge().judge([g.prompt for g in gens], [g.response for g in gens])
     return sum(bool(v.refused) for v in verdicts) / max(1, len(verdicts))
-
-
-def loss_recovered(losses: dict[str, float]) -> float:
-    """(zero - spliced) / (zero - clean); nan when zero ablation costs nothing."""
-    gap = losses["zero_ablation"] - losses["clean"]
-    return (losses["zero_ablation"] - losses["spliced"]) / gap if gap > 0 else float("nan")
 
 
 class SteeringEvalCallback(Callback):
@@ -164,22 +120,6 @@ class SteeringEvalCallback(Callback):
             self._input_ids = torch.stack(rows)  # (S, T)
         return self._input_ids
 
-    def _keep(self, dm):
-        producer = dm.producer
-
-        def keep(input_ids: Tensor, h: Tensor) -> Tensor:
-            return usable_tokens(
-                h,
-                torch.ones_like(input_ids, dtype=torch.bool),
-                input_ids=input_ids,
-                ignore_ids=producer.special_ids,
-                positions=torch.arange(input_ids.shape[1], device=h.device).expand_as(input_ids),
-                skip_first=producer.exclude_first_position,
-                outlier_multiple=dm.hparams.outlier_multiple,
-            )
-
-        return keep
-
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if step % self.every_n_steps or step == self._last_step or not trainer.is_global_zero:
@@ -196,16 +136,26 @@ class SteeringEvalCallback(Callback):
 
     def measure(self, dm, sae) -> dict[str, float]:
         """The metrics of one measurement (see the module docstring)."""
-        ids = self._held_out(dm)
-        device = next(dm.lm.parameters()).device
-        losses: dict[str, float] = {}
-        for start in range(0, ids.shape[0], self.batch_size):
-            chunk = ids[start : start + self.batch_size].to(device)
-            part = splice_losses(dm.lm, sae, chunk, dm.layer, keep=self._keep(dm))
-            for k, v in part.items():
-                losses[k] = losses.get(k, 0.0) + v * chunk.shape[0] / ids.shape[0]
-        metrics = {f"lm/loss_{k}": v for k, v in losses.items()}
-        metrics["lm/loss_recovered"] = loss_recovered(losses)
+        from ..evals.quality import measure
+        from ..evals.validation import rules_of
+
+        figures = measure(
+            dm.lm,
+            {"sae": sae},
+            self._held_out(dm),
+            dm.layer,
+            rules_of(dm),
+            batch_size=self.batch_size,
+            scopes=("trained_tokens",),
+        )["sae"]["trained_tokens"]
+        metrics = {
+            "lm/loss_clean": figures["ce_clean"],
+            "lm/loss_spliced": figures["ce_spliced"],
+            "lm/loss_zero_ablation": figures["ce_zero_ablated"],
+            "lm/loss_mean_ablation": figures["ce_mean_ablated"],
+            "lm/loss_recovered": figures["loss_recovered_zero"],
+            "lm/kl": figures["kl_spliced"],
+        }
         if self.intervention is not None:
             metrics |= self._refusal(dm, sae)
         return metrics
